@@ -1,0 +1,57 @@
+"""Preallocated KV cache for the encoder prefix (prompt + committed canvases).
+
+Layout, per layer l (allocated once, never grown):
+    k[l], v[l]  [B, Hkv_l, C_l, D_l]   model dtype; K is RoPE'd and k_norm'ed, V is v_norm'ed
+    pos[l]      [B, C_l] int64        absolute position held by each slot; -1 = empty slot or left padding
+    C_l = max_len for full-attention layers;
+    C_l = min(sliding_window - 1, max_len) for sliding layers, a ring buffer with slot = position % C_l.
+The ring keeps exactly the last `sliding_window - 1` positions, which is what transformers' DynamicCache keeps and
+what the decoder attends to on sliding layers. Masks are derived from `pos`, so slot order never matters
+(attention is permutation invariant over keys) and padding needs no separate mask.
+
+`length` is the number of positions written so far (shared by all rows; rows are left-padded). Layers write K/V
+through `write`; only the engine advances `length` (`advance`), after a whole encoder pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dgemma.config import ModelArgs
+
+
+class KVCache:
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype):
+        self.batch, self.max_len, self.length = batch, max_len, 0
+        self.capacity: list[int] = []
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.pos: list[torch.Tensor] = []
+        for i in range(args.num_hidden_layers):
+            shape = args.layer_shape(i)
+            cap = min(args.sliding_window - 1, max_len) if shape.sliding else max_len
+            self.capacity.append(cap)
+            self.k.append(torch.zeros(batch, shape.num_kv_heads, cap, shape.head_dim, device=device, dtype=dtype))
+            self.v.append(torch.zeros_like(self.k[-1]))
+            self.pos.append(torch.full((batch, cap), -1, dtype=torch.long, device=device))
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K, V [B, Hkv, S, D] and slot positions [B, S] of the slots that may hold data (S <= capacity)."""
+        used = min(self.length, self.capacity[layer])
+        return self.k[layer][:, :, :used], self.v[layer][:, :, :used], self.pos[layer][:, :used]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store new K/V [B, Hkv, T, D] for positions pos [B, T] (all rows share positions; `valid` False marks
+        padding). Only the last `capacity` positions are kept."""
+        cap, T = self.capacity[layer], k.shape[2]
+        if pos.shape[1] and int(pos[:, -1].max()) >= self.max_len:
+            raise ValueError(f"KV cache is full: position {int(pos[:, -1].max())} >= max_len {self.max_len}")
+        keep = min(T, cap)
+        k, v, pos, valid = k[:, :, -keep:], v[:, :, -keep:], pos[:, -keep:], valid[:, -keep:]
+        slots = pos[0] % cap  # [keep], distinct because positions are consecutive
+        self.k[layer][:, :, slots] = k
+        self.v[layer][:, :, slots] = v
+        self.pos[layer][:, slots] = torch.where(valid, pos, -1)
+
+    def advance(self, n: int) -> None:
+        self.length += n

@@ -1,0 +1,224 @@
+"""The block-diffusion loop: one generator of events that the CLI, the server and the Python API all consume.
+
+    for each canvas (256 new tokens):
+        encode the uncached tokens (the prompt, then each committed canvas) into the KV cache
+        canvas ← uniform random ids
+        for cur_step = N .. 1:                       yield StepEvent (the draft)
+            logits ← decoder(canvas, self-conditioning = previous temperature-scaled logits)
+            sample every position, accept the lowest-entropy ones, renoise the rest, check the adaptive stop
+        commit the argmax canvas; pad after the first EOS  yield CanvasEvent
+    yield FinishedEvent (outputs + stats)
+
+Reference semantics: with the same seed, the random draws happen in the same order as transformers 5.23.0
+`DiffusionGemmaGenerationMixin.generate` (`randint` for the canvas, `multinomial` per step, `randint` for
+renoising, every row of the batch every time), so CPU fp32 runs reproduce it token for token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from dgemma.config import DiffusionParams
+from dgemma.engine import sampler as S
+from dgemma.engine.cache import KVCache
+
+
+@dataclass
+class StepEvent:
+    """One denoising step of the current canvas (all rows)."""
+
+    canvas: int  # 0-based index of the canvas being denoised
+    step: int  # 1-based step within this canvas
+    draft: torch.Tensor  # [B, C] argmax canvas after this step (cpu)
+    accepted: torch.Tensor  # [B, C] bool, positions whose sampled token was kept this step (cpu)
+    done: torch.Tensor  # [B] bool, rows whose canvas has stopped denoising (cpu)
+
+
+@dataclass
+class CanvasEvent:
+    """A committed canvas: argmax ids with pad after the first EOS (rows finished earlier are all pad)."""
+
+    canvas: int
+    tokens: torch.Tensor  # [B, C] (cpu)
+    steps: int  # denoising steps run for this canvas (max over rows)
+    finished: torch.Tensor  # [B] bool, rows that have ended (EOS or length)
+
+
+@dataclass
+class SequenceStats:
+    prompt_tokens: int
+    new_tokens: int
+    canvases: int
+    steps_per_canvas: list[int]  # decoder passes this row took in each canvas it ran
+    decoder_passes: int
+    tokens_per_forward: float  # new (non-pad) tokens / decoder passes
+
+
+@dataclass
+class GenerationStats:
+    batch: int
+    canvases: int
+    steps_per_canvas: list[int]  # steps run per canvas (max over rows)
+    prefill_s: float
+    denoise_s: float  # decoder passes + sampling + commit encoder passes
+    total_s: float
+    new_tokens: int  # useful tokens over all rows (up to and including EOS)
+    tokens_per_forward: float  # over all rows: new tokens / decoder passes of unfinished rows
+    sequences: list[SequenceStats] = field(default_factory=list)
+
+    @property
+    def mean_steps_per_canvas(self) -> float:
+        return sum(self.steps_per_canvas) / max(len(self.steps_per_canvas), 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass
+class SequenceOutput:
+    token_ids: list[int]  # after the prompt, up to and including the first EOS, never beyond max_new_tokens
+    finish_reason: str  # "stop" (EOS) | "length" (max_new_tokens)
+    stats: SequenceStats
+
+
+@dataclass
+class FinishedEvent:
+    outputs: list[SequenceOutput]
+    stats: GenerationStats
+
+
+Event = StepEvent | CanvasEvent | FinishedEvent
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch prompts with left padding → ids [B, L], valid [B, L] (False on padding)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), L), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, L - len(p):] = True
+    return ids.to(device), valid.to(device)
+
+
+def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefill_chunk: int = 4096,
+             generator: torch.Generator | None = None) -> Iterator[Event]:
+    """Run block diffusion for a batch of token-id prompts; yields StepEvent/CanvasEvent, then one FinishedEvent."""
+    args, device = model.args, model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    C, V, N = args.canvas_length, args.vocab_size, params.max_denoising_steps
+    t0 = time.perf_counter()
+    ids, valid = left_pad(prompts, params.pad_token_id, device)
+    B, L = ids.shape
+    n_canvases = math.ceil(params.max_new_tokens / C)
+    cache = KVCache(args, B, L + n_canvases * C, device, dtype)
+    eos = torch.tensor(params.eos_token_ids, device=device)
+    all_pos = torch.arange(L + n_canvases * C, device=device)
+
+    with torch.inference_mode():
+        for start in range(0, L, prefill_chunk):  # chunked prefill: same math, bounded activation memory
+            end = min(start + prefill_chunk, L)
+            pos = all_pos[start:end].expand(B, -1)  # positions are column indices, padding included (as upstream)
+            model.encode(ids[:, start:end], pos, cache, valid[:, start:end])
+            cache.advance(end - start)
+        prefill_s = time.perf_counter() - t0
+
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        passes = torch.zeros(B, dtype=torch.long, device=device)
+        row_steps: list[list[int]] = [[] for _ in range(B)]
+        committed: list[torch.Tensor] = []
+        steps_run: list[int] = []
+        for c in range(n_canvases):
+            if c > 0:  # encode the canvas committed last (pads included, as upstream) into the cache
+                pos = all_pos[cache.length:cache.length + C].expand(B, -1)
+                model.encode(committed[-1].to(device), pos, cache, torch.ones(B, C, dtype=torch.bool, device=device))
+                cache.advance(C)
+            dpos = all_pos[cache.length:cache.length + C][None]  # [1, C]
+            canvas = torch.randint(0, V, (B, C), device=device, generator=generator)
+            argmax = canvas
+            sc = None
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            stop = S.StopState(params.stability_threshold, params.confidence_threshold)
+            steps, passes_before = 0, passes.clone()
+            for cur_step in range(N, 0, -1):
+                passes += ~(done | finished)
+                canvas, argmax, sc, accepted, done = _denoise_step(
+                    model, canvas, argmax, sc, dpos, cache, done, cur_step, params, stop, generator, dtype)
+                steps += 1
+                yield StepEvent(c, steps, argmax.cpu(), accepted.cpu(), done.cpu())
+                if bool(done.all()):  # the one host sync per step: the adaptive stop
+                    break
+            steps_run.append(steps)
+            for b, n in enumerate((passes - passes_before).tolist()):
+                if n:
+                    row_steps[b].append(n)
+            tokens, finished = _commit(argmax, finished, eos, params.pad_token_id)
+            if (c + 1) * C >= params.max_new_tokens:
+                finished = torch.ones_like(finished)
+            committed.append(tokens)
+            yield CanvasEvent(c, tokens.cpu(), steps, finished.cpu())
+            if bool(finished.all()):
+                break
+
+    total_s = time.perf_counter() - t0
+    yield _finish(prompts, committed, passes, row_steps, steps_run, params, prefill_s, total_s)
+
+
+def _denoise_step(model, canvas, argmax, sc, dpos, cache, done, cur_step, params: DiffusionParams,
+                  stop: S.StopState, generator, dtype):
+    """One decoder pass + entropy-bound accept/renoise, in transformers' order of ops and random draws."""
+    B, C = canvas.shape
+    logits = model.denoise(canvas, dpos, cache, sc)  # [B, C, V] fp32
+    processed = logits / S.temperature(cur_step, params.max_denoising_steps, params.t_min, params.t_max,
+                                       logits.device)
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    sampled = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(B, C)
+    new_argmax = processed.argmax(dim=-1)
+    accepted = S.accept_mask(S.entropy(processed), params.entropy_bound)
+    new_canvas = torch.where(accepted, sampled, canvas)
+    noise = torch.randint(0, processed.shape[-1], (B, C), device=canvas.device, generator=generator)
+    new_canvas = torch.where(~accepted, noise, new_canvas)
+    # Rows that already stopped keep their canvas, argmax and self-conditioning logits.
+    new_argmax = torch.where(done[:, None], argmax, new_argmax)
+    new_canvas = torch.where(done[:, None], canvas, new_canvas)
+    if sc is not None:
+        processed = torch.where(done[:, None, None], sc, processed)
+    done = done | stop(new_argmax, processed)
+    return new_canvas, new_argmax, processed.to(dtype), accepted & ~done[:, None], done
+
+
+def _commit(argmax: torch.Tensor, finished: torch.Tensor, eos: torch.Tensor, pad_id: int):
+    """Commit the argmax canvas: rows finished before become all pad; rows that hit EOS now get pad after it."""
+    tokens = argmax.clone()
+    tokens[finished] = pad_id
+    has_eos, after = S.eos_pad_mask(tokens, eos)
+    tokens[after & has_eos[:, None]] = pad_id
+    return tokens, finished | has_eos
+
+
+def _finish(prompts, committed, passes, row_steps, steps_run, params: DiffusionParams, prefill_s, total_s):
+    allt = torch.cat(committed, dim=1).tolist() if committed else [[] for _ in prompts]
+    eos = set(params.eos_token_ids)
+    outputs, seq_stats = [], []
+    for b, row in enumerate(allt):
+        row = row[:params.max_new_tokens]
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        toks, reason = (row[:cut + 1], "stop") if cut is not None else (row, "length")
+        n_pass = int(passes[b])
+        st = SequenceStats(len(prompts[b]), len(toks), len(row_steps[b]), row_steps[b], n_pass,
+                           len(toks) / n_pass if n_pass else 0.0)
+        seq_stats.append(st)
+        outputs.append(SequenceOutput(toks, reason, st))
+    new = sum(s.new_tokens for s in seq_stats)
+    all_passes = sum(s.decoder_passes for s in seq_stats)
+    stats = GenerationStats(len(prompts), len(committed), steps_run, prefill_s, total_s - prefill_s, total_s, new,
+                            new / all_passes if all_passes else 0.0, seq_stats)
+    return FinishedEvent(outputs, stats)

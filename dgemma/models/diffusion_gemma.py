@@ -1,0 +1,334 @@
+"""DiffusionGemma text model: one weight set, two passes.
+
+* `encode(tokens)` is the causal encoder: it runs the prompt (or a committed canvas) and writes each layer's K/V into
+  the KV cache (sliding window on sliding layers). It returns the final hidden states (used by the AR path).
+* `denoise(canvas)` is the diffusion decoder: the 256-token canvas attends bidirectionally to itself and to the
+  cached prefix, never writes the cache, and returns softcapped fp32 logits.
+
+Encoder and decoder share every weight (the checkpoint only stores the decoder copy); the one exception is the
+per-layer `layer_scalar`, which the checkpoint stores twice (`model.decoder...` and `model.encoder.language_model...`),
+so each layer keeps both. The math mirrors transformers 5.23.0 `modeling_diffusion_gemma.py` op for op so fp32
+results agree to float rounding. The vision tower is not implemented (text only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgemma.config import ModelArgs
+from dgemma.engine.cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Gemma 4 RMSNorm: computed in fp32, weight used as is (no `1 + w`, unlike Gemma 1-3)."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        # pow(-0.5) rather than rsqrt: the reference does the same, keeping fp32 results bit-close.
+        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+def rope_inv_freq(args: ModelArgs, layer_type: str) -> torch.Tensor:
+    """Inverse frequencies, one per pair of dims ([head_dim/2]).
+
+    Sliding layers use plain RoPE. Full layers use "proportional" RoPE: only the first `partial_rotary_factor` of
+    the angle slots rotate, with exponents over the *whole* head_dim, and the remaining slots get frequency 0
+    (cos 1, sin 0), so rotate_half still spans the full head (transformers `_compute_proportional_rope_parameters`).
+    """
+    rope = args.rope_parameters[layer_type]
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    head_dim = args.head_dim if layer_type == "sliding_attention" else args.global_head_dim
+    base = float(rope["rope_theta"])
+    if rope_type == "default":
+        dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    if rope_type == "proportional":
+        angles = int(float(rope.get("partial_rotary_factor", 1.0)) * head_dim // 2)
+        rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
+        inv = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)])
+        return inv / float(rope.get("factor", 1.0))
+    raise ValueError(f"config.json: rope_type {rope_type!r} for {layer_type} is not supported")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, T, H, D]; cos/sin [B|1, T, D] → broadcast over heads.
+    return x * cos.unsqueeze(2) + rotate_half(x) * sin.unsqueeze(2)
+
+
+class Attention(nn.Module):
+    """GQA attention. Scale 1.0 because q and k are RMS-normed. Full layers have no v_proj: V is k_proj's output,
+    taken before k_norm and RoPE and normalised by a weightless v_norm (K=V, "attention_k_eq_v")."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        shape = args.layer_shape(layer_idx)
+        self.layer_idx = layer_idx
+        self.sliding = shape.sliding
+        self.window = args.sliding_window
+        self.head_dim = shape.head_dim
+        self.n_heads = args.num_attention_heads
+        self.n_kv = shape.num_kv_heads
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=bias) if self.sliding else None
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, args.rms_norm_eps, with_scale=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))  # [B, T, H, D]
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
+        k_raw = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_norm(v).transpose(1, 2)  # [B, Hkv, T, D]
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # q [B, H, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] (True = attend)
+        B, _, T, _ = q.shape
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def forward_encoder(self, x, cos, sin, cache: KVCache, pos: torch.Tensor, valid: torch.Tensor):
+        """Causal attention of new tokens over the cached prefix and themselves; writes the new K/V to the cache."""
+        q, k, v = self.project(x, cos, sin)
+        ck, cv, cpos = cache.read(self.layer_idx)  # [B, Hkv, S, D], [B, S] (-1 = empty slot / padding)
+        keys_pos = torch.cat([cpos, torch.where(valid, pos, -1)], dim=1)  # [B, S + T]
+        qp = pos[:, :, None]  # [B, T, 1]
+        kp = keys_pos[:, None, :]  # [B, 1, S + T]
+        mask = (kp >= 0) & (kp <= qp)
+        if self.sliding:
+            mask &= kp > qp - self.window  # window of `sliding_window` keys including the query itself
+        # A left-pad query sees no valid key; let it see itself so no row is fully masked (its output is unused).
+        T = x.shape[1]
+        eye = torch.zeros_like(mask)
+        eye[:, :, -T:] = torch.eye(T, dtype=torch.bool, device=x.device)
+        mask |= eye & ~valid[:, :, None]
+        out = self.attend(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), mask[:, None])
+        cache.write(self.layer_idx, k, v, pos, valid)
+        return out
+
+    def forward_decoder(self, x, cos, sin, cache: KVCache):
+        """The canvas attends to every cached prefix slot (sliding layers keep the last window-1) and to itself."""
+        q, k, v = self.project(x, cos, sin)
+        ck, cv, cpos = cache.read(self.layer_idx)
+        B, T = x.shape[:2]
+        keys_ok = torch.cat([cpos >= 0, torch.ones(B, T, dtype=torch.bool, device=x.device)], dim=1)
+        mask = keys_ok[:, None, None, :].expand(B, 1, T, keys_ok.shape[1])
+        return self.attend(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), mask)
+
+
+class MLP(nn.Module):
+    """Gated GELU(tanh) MLP: the dense branch of each layer, and the self-conditioning block's body."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k router. It reads the residual stream itself (not the pre-FF-2 normed input): weightless RMSNorm,
+    a learned per-channel `scale` and hidden^-0.5, fp32 softmax over all experts, top-k, renormalise, then a
+    learned per-expert multiplier."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.top_k_experts
+        self.root = args.hidden_size**-0.5
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(args.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(args.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [N, hidden] → weights [N, k] (fp32), indices [N, k]
+        scores = self.proj(self.norm(x) * self.scale * self.root)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, idx = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """Routed experts stored as 3-D tensors, as in the checkpoint: gate_up_proj [E, 2I, hidden] (gate rows first),
+    down_proj [E, hidden, I]. This is the exact reference loop; fast kernels replace it on GPU."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, I, H = args.num_experts, args.moe_intermediate_size, args.hidden_size
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # x [N, hidden], weights/idx [N, k]
+        out = torch.zeros_like(x)
+        hit = torch.unique(idx).tolist()  # one host sync per layer: fine for the reference path
+        for e in hit:
+            token, slot = torch.where(idx == e)
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            y = y * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+class Layer(nn.Module):
+    """Attention, then a dense MLP branch and an MoE branch side by side on the same residual, then x *= scalar."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(H, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)
+        self.post_feedforward_layernorm = RMSNorm(H, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(H, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)
+        # Buffers are not tied between encoder and decoder in the checkpoint, so both scalars are loaded.
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])  # [B*T, hidden]
+        weights, idx = self.router(flat)  # the router reads the residual, not the normed input
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx).reshape(x.shape)
+        moe = self.post_feedforward_layernorm_2(moe)
+        return x + self.post_feedforward_layernorm(dense + moe)
+
+    def forward(self, x, cos, sin, cache: KVCache, encoder: bool, pos=None, valid=None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if encoder:
+            h = self.self_attn.forward_encoder(h, cos, sin, cache, pos, valid)
+        else:
+            h = self.self_attn.forward_decoder(h, cos, sin, cache)
+        x = x + self.post_attention_layernorm(h)
+        x = self.feed_forward(x)
+        return x * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+
+
+class SelfConditioning(nn.Module):
+    """Adds a signal from the previous step's prediction to the canvas embeddings: softmax(prev logits) @ E × scale
+    → pre_norm → gated MLP → + embeddings → weightless post_norm. The first step uses zeros (signal 0)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        H = args.hidden_size
+        self.pre_norm = RMSNorm(H, args.rms_norm_eps)
+        self.post_norm = RMSNorm(H, args.rms_norm_eps, with_scale=False)
+        self.gate_proj = nn.Linear(H, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, H, bias=False)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        if soft is not None:  # with soft = 0 the MLP output is exactly 0, so skipping it is exact
+            n = self.pre_norm(soft)
+            embeds = embeds + self.down_proj(F.gelu(self.gate_proj(n), approximate="tanh") * self.up_proj(n))
+        return self.post_norm(embeds)
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)  # also the (tied) LM head
+        self.layers = nn.ModuleList(Layer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-persistent buffers; needed after building on the meta device."""
+        for kind in ("sliding_attention", "full_attention"):
+            self.register_buffer(f"{kind}_inv_freq", rope_inv_freq(self.args, kind).to(device), persistent=False)
+        self.register_buffer("embed_scale", torch.tensor(self.args.embed_scale, device=device), persistent=False)
+
+    # --- pieces shared by both passes -------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        # The scale sqrt(hidden) is cast to the weight dtype first (in bf16 sqrt(2816)=53.07 becomes 53.0).
+        return F.embedding(ids, w) * self.embed_scale.to(w.dtype)
+
+    def rope(self, pos: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for kind in ("sliding_attention", "full_attention"):
+            freqs = pos[..., None].float() * getattr(self, f"{kind}_inv_freq").float()  # [B|1, T, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [B|1, T, D]
+            out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return out
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.embed_tokens.weight).float()
+        cap = self.args.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def run_layers(self, x, pos, cache: KVCache, encoder: bool, valid=None) -> torch.Tensor:
+        rope = self.rope(pos, x.dtype)
+        for i, layer in enumerate(self.layers):
+            cos, sin = rope[self.args.layer_types[i]]
+            x = layer(x, cos, sin, cache, encoder, pos, valid)
+        return self.norm(x)
+
+    # --- the two passes ---------------------------------------------------------------------------------------
+    def encode(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None):
+        """Causal pass over new tokens ids [B, T] at absolute positions pos [B, T]; writes K/V for every layer.
+        `valid` [B, T] marks real tokens (False = left padding, never attended). Returns hidden states [B, T, H].
+        The caller advances the cache length afterwards; layers never do."""
+        if valid is None:
+            valid = torch.ones_like(ids, dtype=torch.bool)
+        if (ids >= self.args.vocab_size).any() or (ids < 0).any():
+            raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}) for this model")
+        return self.run_layers(self.embed(ids), pos, cache, True, valid)
+
+    def soft_embed(self, sc_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Self-conditioning input: softmax(previous processed logits) @ E × embed scale ([B, T, hidden])."""
+        w = self.embed_tokens.weight
+        probs = sc_logits.softmax(dim=-1, dtype=torch.float32).to(w.dtype)
+        return torch.matmul(probs, w) * self.embed_scale.to(dtype)
+
+    def denoise(self, canvas: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                sc_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoder pass: canvas ids [B, C] at positions pos [B|1, C], previous step's temperature-scaled logits
+        [B, C, V] (None on the first step). Returns fp32 softcapped logits [B, C, V]. Reads the cache only."""
+        x = self.embed(canvas)
+        soft = self.soft_embed(sc_logits, x.dtype) if sc_logits is not None else None
+        x = self.self_conditioning(x, soft)
+        return self.lm_head(self.run_layers(x, pos, cache, False))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
