@@ -198,3 +198,50 @@ def load(model: str | os.PathLike | None, device: torch.device | str, dtype: tor
     net = load_model(path, device, dtype)
     params = DiffusionParams.from_generation_config(path / "generation_config.json", net.args.eos_ids)
     return net, params, path
+
+
+def checkpoint_name(model_name: str) -> str:
+    """Model name → official checkpoint name (the inverse of `map_name`)."""
+    m = re.match(r"^layers\.(\d+)\.encoder_layer_scalar$", model_name)
+    if m:
+        return f"model.encoder.language_model.layers.{m.group(1)}.layer_scalar"
+    return f"model.decoder.{model_name}"
+
+
+def official_config(args: ModelArgs) -> dict:
+    """config.json in the released layout (root + text_config)."""
+    text = {
+        "model_type": "diffusion_gemma_text", "vocab_size": args.vocab_size, "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size, "moe_intermediate_size": args.moe_intermediate_size,
+        "num_experts": args.num_experts, "top_k_experts": args.top_k_experts,
+        "num_hidden_layers": args.num_hidden_layers, "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads, "head_dim": args.head_dim,
+        "num_global_key_value_heads": args.num_global_key_value_heads, "global_head_dim": args.global_head_dim,
+        "sliding_window": args.sliding_window, "max_position_embeddings": args.max_position_embeddings,
+        "rms_norm_eps": args.rms_norm_eps, "hidden_activation": args.hidden_activation,
+        "final_logit_softcapping": args.final_logit_softcapping, "attention_bias": args.attention_bias,
+        "use_bidirectional_attention": args.use_bidirectional_attention, "bos_token_id": args.bos_token_id,
+        "eos_token_id": args.eos_token_id, "pad_token_id": args.pad_token_id, "layer_types": args.layer_types,
+        "rope_parameters": args.rope_parameters, "tie_word_embeddings": True,
+    }
+    return {
+        "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
+        "canvas_length": args.canvas_length, "boi_token_id": args.boi_token_id, "eoi_token_id": args.eoi_token_id,
+        "image_token_id": args.image_token_id, "eos_token_id": args.eos_ids, "tie_word_embeddings": True,
+        "text_config": text,
+    }
+
+
+def save_model(model: DiffusionGemma, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+               metadata: dict | None = None) -> None:
+    """Write config.json + model.safetensors in the official layout (decoder weights, encoder layer scalars)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    skip = ("_inv_freq", "embed_scale")
+    tensors = {checkpoint_name(k): v.detach().to("cpu", dtype).contiguous()
+               for k, v in (dict(model.named_parameters()) | dict(model.named_buffers())).items()
+               if not k.endswith(skip)}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+    (path / "config.json").write_text(json.dumps(official_config(model.args), indent=2) + "\n")
