@@ -196,6 +196,8 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | None = None, *, chat: bool = False,
                  enable_thinking: bool = False, images=None) -> list[RequestOutput]:
         """Generate for a batch of prompts (list[str] or list[list[int]]; a single str is accepted too)."""
+        if images is not None:
+            raise ValueError("image input is not supported yet (the vision tower is not implemented)")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:

@@ -97,6 +97,7 @@ def weight_files(path: Path) -> dict[str, Path]:
     if not single.is_file():
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
                               "checkpoints are loaded)")
+    _check_shard_size(single)
     with _open(single, "cpu") as f:
         return {name: single for name in f.keys()}
 

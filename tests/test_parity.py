@@ -110,3 +110,29 @@ def test_generate_token_exact(tiny_ckpt, case):
             eos_mid_canvas |= o.finish_reason == "stop" and len(o.token_ids) % llm.args.canvas_length != 0
     if case < 2:  # these cases are built so that the adaptive stop fires and EOS lands inside a canvas
         assert early_stop and eos_mid_canvas
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_bf16_error_matches_reference_bf16_error(tiny_ckpt, name):
+    """bf16 on CPU: dgemma's distance to the fp32 reference is no worse than transformers' own bf16 distance."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    path = tiny_ckpt(name)
+    hf32 = hf_model(path)
+    hf16 = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16).eval()
+    llm = LLM(path, device="cpu", dtype="bf16")
+    args = llm.args
+    ids, mask = padded_batch(args.vocab_size, (30, 17), seed=5)
+    B, L, C = *ids.shape, args.canvas_length
+    canvas = torch.randint(0, args.vocab_size, (B, C), generator=torch.Generator().manual_seed(1))
+    sc = 3 * torch.randn(B, C, args.vocab_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, ref32 = reference_logits(hf32, ids, mask, canvas, sc)
+        _, ref16 = reference_logits(hf16, ids, mask, canvas, sc.bfloat16())
+        cache = KVCache(args, B, L + C, "cpu", torch.bfloat16)
+        llm.model.encode(ids, torch.arange(L).expand(B, -1), cache, mask.bool())
+        cache.advance(L)
+        ours = llm.model.denoise(canvas, torch.arange(L, L + C)[None], cache, sc.bfloat16())
+    err_ref = (ref16.float() - ref32).norm() / ref32.norm()
+    err_ours = (ours.float() - ref32).norm() / ref32.norm()
+    assert err_ours <= 1.5 * err_ref + 1e-3, (float(err_ours), float(err_ref))
