@@ -24,10 +24,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (`dgemma run: error: ...`, exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> Parser:
     from dgemma import __version__
 
-    parser = argparse.ArgumentParser(prog="dgemma", description="Local inference for DiffusionGemma "
+    parser = Parser(prog="dgemma", description="Local inference for DiffusionGemma "
                                      "block-diffusion language models.")
     parser.add_argument("--version", action="version", version=f"dgemma {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -42,10 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
         if args.command is None:
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
             parser.print_help(sys.stderr)
             return 2
+        if extra:  # report it as the subcommand's error, where the flag was meant to go
+            args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args._run(args)
     except SystemExit as e:  # argparse (usage errors, --help, --version): keep its code, never a traceback
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -67,3 +78,7 @@ def _silence_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+
+
+if __name__ == "__main__":  # `python -m dgemma.cli.main`; `python -m dgemma.cli` needs a cli/__main__.py
+    sys.exit(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Iterable
 
@@ -48,10 +49,15 @@ def _number(kind: type, low: float, inclusive: bool):
 
 
 def _device(text: str) -> str:
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported; use cpu, cuda or cuda:N")
     try:
-        resolve_device(text)
-    except (ValueError, RuntimeError) as e:
+        dev = resolve_device(text)
+    except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                         "device(s)")
     return text
 
 

@@ -95,12 +95,12 @@ class LiveView:
                 if isinstance(event, StepEvent):
                     self._on_step(event)
                 elif isinstance(event, CanvasEvent):
-                    self.committed.add(event.tokens[0].tolist())
-                    self.prev_draft, self.frame = None, (event.canvas + 1, 0, None, None, False)
+                    self._on_canvas(event)
                 else:
                     final = event
         assert final is not None, "the event stream ended without a FinishedEvent"
-        sys.stdout.write(self.tokenizer.decode(final.outputs[0].token_ids) + "\n")
+        # Controls made visible here too: noise from a random-weight model can hold ESC and friends.
+        sys.stdout.write(self.tokenizer.decode(final.outputs[0].token_ids).translate(_CONTROL) + "\n")
         sys.stdout.flush()
         return final
 
@@ -113,6 +113,14 @@ class LiveView:
         self.prev_draft = draft
         self.frame = (event.canvas, event.step, draft.tolist(), settled.tolist(), done)  # one atomic swap
 
+    def _on_canvas(self, event: CanvasEvent) -> None:
+        self.committed.add(event.tokens[0].tolist())
+        self.prev_draft = None
+        if bool(event.finished[0]):
+            self.frame = (event.canvas, event.steps, None, None, True)
+        else:
+            self.frame = (event.canvas + 1, 0, None, None, False)
+
     def render(self) -> Group:
         canvas, step, draft, settled, done = self.frame
         parts = [self._committed_tail()]
@@ -121,6 +129,8 @@ class LiveView:
         status = f"canvas {canvas + 1}/{self.n_canvases} · step {step}/{self.params.max_denoising_steps}"
         if draft is not None:
             status += f" · {sum(settled)}/{len(draft)} settled" + (" · stopped" if done else "")
+        elif done:
+            status += " · finished"
         parts.append(Text(status, style="bold cyan"))
         return Group(*parts)
 
