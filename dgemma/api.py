@@ -102,11 +102,17 @@ class RequestOutput:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+        raise ValueError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return dev
 
 
@@ -177,7 +183,7 @@ class LLM:
         return self.stream_batch([prompt], params, chat=chat, enable_thinking=enable_thinking, images=images)
 
     def stream_batch(self, prompts, params: SamplingParams | None = None, *, chat: bool = False,
-                     enable_thinking: bool = False, images=None) -> Iterator[Event]:
+                     enable_thinking: bool = False, images=None, drafts: bool = True) -> Iterator[Event]:
         if images is not None:
             raise ValueError("image input is not supported yet (the vision tower is not implemented)")
         if params is None:
@@ -188,10 +194,7 @@ class LLM:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         resolved = params.resolve(self.defaults)
         ids = [self.encode_prompt(p, chat, enable_thinking) for p in prompts]
-        generator = None
-        if resolved.seed is not None:
-            torch.manual_seed(resolved.seed)  # same global RNG stream as `torch.manual_seed(S); model.generate(...)`
-        return generate(self.model, ids, resolved, generator=generator)
+        return generate(self.model, ids, resolved, drafts=drafts)
 
     def generate(self, prompts, params: SamplingParams | None = None, *, chat: bool = False,
                  enable_thinking: bool = False, images=None) -> list[RequestOutput]:
@@ -204,7 +207,7 @@ class LLM:
             raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
         ids = [self.encode_prompt(p, chat, enable_thinking) for p in prompts]
         final = None
-        for event in self.stream_batch(ids, params):
+        for event in self.stream_batch(ids, params, drafts=False):
             if isinstance(event, FinishedEvent):
                 final = event
         assert final is not None

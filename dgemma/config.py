@@ -88,7 +88,7 @@ class ModelArgs:
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"config.json: hidden_activation {self.hidden_activation!r} is not supported")
         if self.use_bidirectional_attention == "all":
-            raise ValueError("config.json: use_bidirectional_attention='all' (a bidirectional encoder) is not supported")
+            raise ValueError("config.json: use_bidirectional_attention='all' (bidirectional encoder) is not supported")
 
     @property
     def embed_scale(self) -> float:

@@ -30,7 +30,7 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     model = DiffusionGemma(ModelArgs(**ARGS))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:

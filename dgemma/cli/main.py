@@ -7,7 +7,8 @@ Design choices:
 - One table, one module per subcommand (`add_arguments(parser)`, `run(args) -> int`); adding a subcommand is one
   row here plus its module. *mlx-lm `mlx_lm/cli.py`*
 - Exit codes: 0 ok; 1 a library error (ValueError/TypeError/OSError: a bad value, a missing checkpoint), printed as
-  one `dgemma: error: ...` line; 2 a usage error (argparse's own one-line format); 130 on Ctrl-C.
+  one `dgemma: error: ...` line; 2 a usage error, one `dgemma run: error: ...` line (no usage dump, which
+  buries the message); 130 on Ctrl-C.
   `DGEMMA_DEBUG=1` re-raises so the traceback shows.
 """
 
@@ -34,8 +35,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     from dgemma import __version__
 
-    parser = Parser(prog="dgemma", description="Local inference for DiffusionGemma "
-                                     "block-diffusion language models.")
+    parser = Parser(prog="dgemma", description="Local inference for DiffusionGemma block-diffusion language models.")
     parser.add_argument("--version", action="version", version=f"dgemma {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (module_name, help_) in COMMANDS.items():

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
     if llm.is_default_model:
         print(f"dgemma: note: {DEMO_NOTE}", file=sys.stderr, flush=True)
-    params = SamplingParams(**{k: getattr(args, k) for k in SamplingParams.__slots__})
+    params = SamplingParams(**{k: getattr(args, k) for k in SamplingParams().to_dict()})
     resolved = params.resolve(llm.defaults)
     events = llm.stream(prompt, params, chat=args.chat, enable_thinking=args.thinking)
     if args.json:

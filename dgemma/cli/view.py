@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from rich.console import Console, Group
@@ -36,6 +37,16 @@ from dgemma.tokenizer import Tokenizer
 
 # C0 controls (but newline and tab) and DEL → their visible "control picture" glyphs (U+2400 block).
 _CONTROL = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421}
+
+
+class Frame(NamedTuple):
+    """What the live view draws; replaced whole each step so the refresh thread never sees half an update."""
+
+    canvas: int  # 0-based
+    step: int  # steps run in this canvas so far
+    draft: list[int] | None  # argmax ids of the canvas (cut to max_new_tokens); None between canvases
+    settled: list[bool] | None  # accepted this step, or unchanged since the previous one
+    done: bool  # this canvas stopped denoising (or generation finished)
 
 
 class CommittedText:
@@ -86,22 +97,24 @@ class LiveView:
         self.committed = CommittedText(tokenizer, params)
         self.n_canvases = math.ceil(params.max_new_tokens / canvas_length)
         self.prev_draft: torch.Tensor | None = None
-        self.frame: tuple = (0, 0, None, None, False)  # canvas, step, draft ids, settled mask, done
+        self.frame = Frame(0, 0, None, None, False)
 
     def run(self, events: Iterable[Event]) -> FinishedEvent:
         final = None
-        with Live(console=self.console, transient=True, refresh_per_second=12, get_renderable=self.render):
-            for event in events:
-                if isinstance(event, StepEvent):
-                    self._on_step(event)
-                elif isinstance(event, CanvasEvent):
-                    self._on_canvas(event)
-                else:
-                    final = event
+        try:
+            with Live(console=self.console, transient=True, refresh_per_second=12, get_renderable=self.render):
+                for event in events:
+                    if isinstance(event, StepEvent):
+                        self._on_step(event)
+                    elif isinstance(event, CanvasEvent):
+                        self._on_canvas(event)
+                    else:
+                        final = event
+        except KeyboardInterrupt:  # the live region is gone: leave what was committed on screen
+            _print(self.committed.text)
+            raise
         assert final is not None, "the event stream ended without a FinishedEvent"
-        # Controls made visible here too: noise from a random-weight model can hold ESC and friends.
-        sys.stdout.write(self.tokenizer.decode(final.outputs[0].token_ids).translate(_CONTROL) + "\n")
-        sys.stdout.flush()
+        _print(self.tokenizer.decode(final.outputs[0].token_ids))
         return final
 
     def _on_step(self, event: StepEvent) -> None:
@@ -111,15 +124,15 @@ class LiveView:
         if self.prev_draft is not None:
             settled |= draft == self.prev_draft
         self.prev_draft = draft
-        self.frame = (event.canvas, event.step, draft.tolist(), settled.tolist(), done)  # one atomic swap
+        self.frame = Frame(event.canvas, event.step, draft.tolist(), settled.tolist(), done)
 
     def _on_canvas(self, event: CanvasEvent) -> None:
         self.committed.add(event.tokens[0].tolist())
         self.prev_draft = None
         if bool(event.finished[0]):
-            self.frame = (event.canvas, event.steps, None, None, True)
+            self.frame = Frame(event.canvas, event.steps, None, None, True)
         else:
-            self.frame = (event.canvas + 1, 0, None, None, False)
+            self.frame = Frame(event.canvas + 1, 0, None, None, False)
 
     def render(self) -> Group:
         canvas, step, draft, settled, done = self.frame
@@ -151,3 +164,9 @@ class LiveView:
         keep = max(height // 2 - 1, 1)
         tail = "\n".join(lines[-keep:])[-keep * width:]
         return Text(("…" if len(tail) < len(full) else "") + tail)
+
+
+def _print(text: str) -> None:
+    # Controls made visible here too: noise from a random-weight model can hold ESC and friends.
+    sys.stdout.write(text.translate(_CONTROL) + "\n")
+    sys.stdout.flush()

@@ -37,8 +37,14 @@ class KVCache:
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V [B, Hkv, S, D] and slot positions [B, S] of the slots that may hold data (S <= capacity)."""
-        used = min(self.length, self.capacity[layer])
-        return self.k[layer][:, :, :used], self.v[layer][:, :, :used], self.pos[layer][:, :used]
+        cap = self.capacity[layer]
+        if self.length <= cap:
+            n = self.length
+            return self.k[layer][:, :, :n], self.v[layer][:, :, :n], self.pos[layer][:, :n]
+        # A wrapped ring: read it oldest-first so keys come in the same order as a growing cache (the same
+        # softmax summation order as the reference, hence closer bf16 results).
+        order = torch.remainder(torch.arange(cap, device=self.pos[layer].device) + self.length, cap)
+        return self.k[layer][:, :, order], self.v[layer][:, :, order], self.pos[layer][:, order]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
         """Store new K/V [B, Hkv, T, D] for positions pos [B, T] (all rows share positions; `valid` False marks

@@ -110,8 +110,14 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 
 def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefill_chunk: int = 4096,
-             generator: torch.Generator | None = None) -> Iterator[Event]:
-    """Run block diffusion for a batch of token-id prompts; yields StepEvent/CanvasEvent, then one FinishedEvent."""
+             generator: torch.Generator | None = None, drafts: bool = True) -> Iterator[Event]:
+    """Run block diffusion for a batch of token-id prompts; yields StepEvent/CanvasEvent, then one FinishedEvent.
+
+    `params.seed` (if set) seeds torch's global RNG when iteration starts, which reproduces
+    `torch.manual_seed(seed); model.generate(...)` in transformers. `drafts=False` skips the per-step StepEvents
+    (and their device→host copies). `generator` overrides the global RNG (e.g. one per server request)."""
+    if params.seed is not None and generator is None:
+        torch.manual_seed(params.seed)
     args, device = model.args, model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
     C, V, N = args.canvas_length, args.vocab_size, params.max_denoising_steps
@@ -153,7 +159,8 @@ def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefil
                 canvas, argmax, sc, accepted, done = _denoise_step(
                     model, canvas, argmax, sc, dpos, cache, done, cur_step, params, stop, generator, dtype)
                 steps += 1
-                yield StepEvent(c, steps, argmax.cpu(), accepted.cpu(), done.cpu())
+                if drafts:
+                    yield StepEvent(c, steps, argmax.cpu(), accepted.cpu(), done.cpu())
                 if bool(done.all()):  # the one host sync per step: the adaptive stop
                     break
             steps_run.append(steps)
@@ -192,7 +199,7 @@ def _denoise_step(model, canvas, argmax, sc, dpos, cache, done, cur_step, params
     if sc is not None:
         processed = torch.where(done[:, None, None], sc, processed)
     done = done | stop(new_argmax, processed)
-    return new_canvas, new_argmax, processed.to(dtype), accepted & ~done[:, None], done
+    return new_canvas, new_argmax, processed.to(dtype), accepted, done
 
 
 def _commit(argmax: torch.Tensor, finished: torch.Tensor, eos: torch.Tensor, pad_id: int):

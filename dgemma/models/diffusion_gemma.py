@@ -102,32 +102,37 @@ class Attention(nn.Module):
         v = self.v_norm(v).transpose(1, 2)  # [B, Hkv, T, D]
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # q [B, H, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] (True = attend)
+    def attend(self, q, k, v, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
+        # q [B, H, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] (True = attend) or None (all keys visible)
         B, _, T, _ = q.shape
         rep = self.n_heads // self.n_kv
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [B, H, T, D]
+        gqa = {}
+        if rep > 1 and mask is None and self.head_dim <= 256:
+            gqa = {"enable_gqa": True}  # flash kernels take GQA natively (same choice as transformers' sdpa path)
+        elif rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, **gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_encoder(self, x, cos, sin, cache: KVCache, pos: torch.Tensor, valid: torch.Tensor):
         """Causal attention of new tokens over the cached prefix and themselves; writes the new K/V to the cache."""
         q, k, v = self.project(x, cos, sin)
         ck, cv, cpos = cache.read(self.layer_idx)  # [B, Hkv, S, D], [B, S] (-1 = empty slot / padding)
-        keys_pos = torch.cat([cpos, torch.where(valid, pos, -1)], dim=1)  # [B, S + T]
-        qp = pos[:, :, None]  # [B, T, 1]
-        kp = keys_pos[:, None, :]  # [B, 1, S + T]
-        mask = (kp >= 0) & (kp <= qp)
-        if self.sliding:
-            mask &= kp > qp - self.window  # window of `sliding_window` keys including the query itself
-        # A left-pad query sees no valid key; let it see itself so no row is fully masked (its output is unused).
         T = x.shape[1]
-        eye = torch.zeros_like(mask)
-        eye[:, :, -T:] = torch.eye(T, dtype=torch.bool, device=x.device)
-        mask |= eye & ~valid[:, :, None]
-        out = self.attend(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), mask[:, None])
+        if ck.shape[2] == 0 and bool(valid.all()) and (not self.sliding or T <= self.window):
+            # Plain causal prefill (no cache, no padding, inside the window): no mask, a causal kernel.
+            out = self.attend(q, k, v, None, causal=True)
+        else:
+            keys_pos = torch.cat([cpos, torch.where(valid, pos, -1)], dim=1)  # [B, S + T]
+            qp, kp = pos[:, :, None], keys_pos[:, None, :]  # [B, T, 1], [B, 1, S + T]
+            mask = (kp >= 0) & (kp <= qp)
+            if self.sliding:
+                mask &= kp > qp - self.window  # window of `sliding_window` keys including the query itself
+            # A left-pad query sees no valid key; let it see itself so no row is fully masked (output unused).
+            eye = torch.zeros_like(mask)
+            eye[:, :, -T:] = torch.eye(T, dtype=torch.bool, device=x.device)
+            mask |= eye & ~valid[:, :, None]
+            out = self.attend(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), mask[:, None])
         cache.write(self.layer_idx, k, v, pos, valid)
         return out
 
@@ -136,9 +141,11 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         ck, cv, cpos = cache.read(self.layer_idx)
         B, T = x.shape[:2]
+        keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        if bool((cpos >= 0).all()):  # no padding: every key visible, no mask (a faster kernel)
+            return self.attend(q, keys, values, None)
         keys_ok = torch.cat([cpos >= 0, torch.ones(B, T, dtype=torch.bool, device=x.device)], dim=1)
-        mask = keys_ok[:, None, None, :].expand(B, 1, T, keys_ok.shape[1])
-        return self.attend(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), mask)
+        return self.attend(q, keys, values, keys_ok[:, None, None, :].expand(B, 1, T, keys_ok.shape[1]))
 
 
 class MLP(nn.Module):
@@ -179,7 +186,9 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """Routed experts stored as 3-D tensors, as in the checkpoint: gate_up_proj [E, 2I, hidden] (gate rows first),
-    down_proj [E, hidden, I]. This is the exact reference loop; fast kernels replace it on GPU."""
+    down_proj [E, hidden, I]. Token-expert pairs are sorted by expert and run as grouped GEMMs; the k weighted
+    outputs of a token are summed in fp32 and cast once (as transformers' grouped_mm path does; summing in bf16
+    with index_add would round k times)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -190,15 +199,30 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # x [N, hidden], weights/idx [N, k]
-        out = torch.zeros_like(x)
-        hit = torch.unique(idx).tolist()  # one host sync per layer: fine for the reference path
-        for e in hit:
-            token, slot = torch.where(idx == e)
-            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
-            y = y * weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out
+        N, k = idx.shape
+        expert_sorted, perm = torch.sort(idx.reshape(-1))  # [N*k]
+        xs = x[perm // k]  # [N*k, hidden], grouped by expert
+        counts = torch.bincount(expert_sorted, minlength=self.num_experts)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        gate, up = grouped_linear(xs, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        y = grouped_linear(F.gelu(gate, approximate="tanh") * up, self.down_proj, offsets)  # [N*k, hidden]
+        y = y * weights.reshape(-1)[perm, None]  # fp32
+        out = torch.empty_like(y)
+        out[perm] = y  # back to token-major order
+        return out.view(N, k, -1).sum(dim=1).to(x.dtype)
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [S, in] grouped by expert (group e = rows offsets[e-1]:offsets[e]) @ w[e].T, w [E, out, in] → [S, out]."""
+    if hasattr(F, "grouped_mm") and (x.device.type != "cpu" or (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)):
+        return F.grouped_mm(x.to(w.dtype), w.transpose(-2, -1), offs=offsets)
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):  # fallback: one GEMM per expert (a host sync; reference only)
+        if end > start:
+            out[start:end] = F.linear(x[start:end], w[e])
+        start = end
+    return out
 
 
 class Layer(nn.Module):
