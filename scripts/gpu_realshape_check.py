@@ -32,7 +32,7 @@ TEXT = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, moe_int
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
 
 
-def build_hf(device: str, dtype: torch.dtype, seed: int):
+def build_hf(device: str, dtype: torch.dtype, seed: int, rope_device: str = "cpu"):
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.models.gemma4 import Gemma4VisionConfig
 
@@ -58,7 +58,10 @@ def build_hf(device: str, dtype: torch.dtype, seed: int):
     for module in model.modules():  # non-persistent buffers: recompute as transformers' _init_weights does
         if module.__class__.__name__.endswith("TextRotaryEmbedding"):
             for layer_type, fn in module.rope_init_fns.items():
-                inv, _ = fn(module.config.per_layer_config[layer_type], device, layer_type=layer_type)
+                # Computed on the CPU like a model built on the CPU; `--rope-device cuda` computes it on the GPU,
+                # where pow() may differ from the CPU's by an ulp (which then moves bf16 cos/sin at long positions).
+                inv, _ = fn(module.config.per_layer_config[layer_type], rope_device, layer_type=layer_type)
+                inv = inv.to(device)
                 setattr(module, f"{layer_type}_inv_freq", inv)
                 setattr(module, f"{layer_type}_original_inv_freq", inv.clone())
         if module.__class__.__name__.endswith("ScaledWordEmbedding"):
@@ -110,22 +113,35 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1500)  # longer than the 1024-token sliding window
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--rope-device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--per-layer", action="store_true", help="also compare each encoder layer's output")
     a = ap.parse_args()
     from transformers.cache_utils import DynamicCache
 
-    device, dtype = "cuda", torch.bfloat16
+    device, dtype = "cuda", getattr(torch, a.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.perf_counter()
-    hf, n_unique = build_hf(device, dtype, a.seed)
+    hf, n_unique = build_hf(device, dtype, a.seed, a.rope_device)
     ours = alias_dgemma(hf, device)
     build_s = time.perf_counter() - t0
     g = torch.Generator(device).manual_seed(a.seed + 1)
     L, C, V = a.prompt_len, 256, TEXT["vocab_size"]
     ids = torch.randint(3, V, (1, L), device=device, generator=g)
     canvas = torch.randint(0, V, (1, C), device=device, generator=g)
-    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
-                 "prompt_len": L, "unique_params": n_unique,
+    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": a.dtype,
+                 "prompt_len": L, "unique_params": n_unique, "hf_rope_device": a.rope_device,
+                 "inv_freq_max_diff": {k: (getattr(ours, f"{k}_inv_freq").float() - getattr(
+                     hf.model.decoder.rotary_emb, f"{k}_inv_freq").float()).abs().max().item()
+                     for k in ("sliding_attention", "full_attention")},
                  "weights_gb": sum(p.numel() * p.element_size() for p in ours.parameters()) / 1e9,
                  "build_s": build_s}
+    captured: dict[str, list] = {"hf": [], "ours": []}
+    if a.per_layer:
+        for layer in hf.model.encoder.language_model.layers:
+            layer.register_forward_hook(lambda m, i, o: captured["hf"].append(o[0] if isinstance(o, tuple) else o))
+        for layer in ours.layers:
+            layer.register_forward_hook(lambda m, i, o: captured["ours"].append(o))
     with torch.inference_mode():
         cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
         enc = hf.model.encoder(input_ids=ids, past_key_values=cache).last_hidden_state
@@ -133,6 +149,11 @@ def main() -> None:
         h = ours.encode(ids, torch.arange(L, device=device)[None], kv)
         kv.advance(L)
         res["encoder_last_hidden"] = compare(h, enc)
+        if a.per_layer:
+            res["encoder_layers_max_abs_diff"] = [(x.float() - y.float()).abs().max().item()
+                                                  for x, y in zip(captured["ours"], captured["hf"])]
+            for hk in list(captured):
+                captured[hk].clear()
         dpos = torch.arange(L, L + C, device=device)[None]
         ref1 = hf(past_key_values=cache, decoder_input_ids=canvas).logits
         got1 = ours.denoise(canvas, dpos, kv)
