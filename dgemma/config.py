@@ -41,7 +41,7 @@ class ModelArgs:
     num_attention_heads: int = 16
     num_key_value_heads: int = 8
     head_dim: int = 256
-    num_global_key_value_heads: int = 2
+    num_global_key_value_heads: int | None = None  # None: full layers use num_key_value_heads (as upstream)
     global_head_dim: int = 512
     sliding_window: int = 1024
     max_position_embeddings: int = 262144
@@ -85,6 +85,8 @@ class ModelArgs:
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
             }
+        if self.num_global_key_value_heads is None:
+            self.num_global_key_value_heads = self.num_key_value_heads
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"config.json: hidden_activation {self.hidden_activation!r} is not supported")
         if self.use_bidirectional_attention == "all":

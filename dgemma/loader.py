@@ -30,6 +30,8 @@ HF_MODEL_ID = "google/diffusiongemma-26B-A4B-it"
 NAME_RULES: list[tuple[re.Pattern, str | None]] = [
     (re.compile(r"^model\.decoder\.(.+)$"), r"\1"),
     (re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$"), r"layers.\1.encoder_layer_scalar"),
+    (re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.bias$"),
+     r"layers.\1.self_attn.encoder_\2_bias"),  # attention biases are not tied upstream
     # Encoder text weights are tied to the decoder's; a checkpoint that stores them anyway holds copies.
     (re.compile(r"^model\.encoder\.language_model\..+$"), None),
     (re.compile(r"^lm_head\.weight$"), None),  # tied to embed_tokens
@@ -206,6 +208,9 @@ def checkpoint_name(model_name: str) -> str:
     m = re.match(r"^layers\.(\d+)\.encoder_layer_scalar$", model_name)
     if m:
         return f"model.encoder.language_model.layers.{m.group(1)}.layer_scalar"
+    m = re.match(r"^layers\.(\d+)\.self_attn\.encoder_([qkvo])_bias$", model_name)
+    if m:
+        return f"model.encoder.language_model.layers.{m.group(1)}.self_attn.{m.group(2)}_proj.bias"
     return f"model.decoder.{model_name}"
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from dgemma import LLM, SamplingParams
 from dgemma.engine.cache import KVCache
 
-CONFIGS = ["a", "b", "c"]
+CONFIGS = ["a", "b", "c", "d"]
 EOS = (1, 106, 50)
 
 
@@ -88,6 +88,8 @@ GEN_CASES = [  # (config, knobs): temperature, bound and stop thresholds chosen 
                confidence_threshold=0.005, stability_threshold=1)),
     ("c", dict(max_new_tokens=20, max_denoising_steps=6, t_min=0.01, t_max=0.05, entropy_bound=2.0,
                confidence_threshold=0.5, stability_threshold=0)),
+    ("d", dict(max_new_tokens=70, max_denoising_steps=9, t_min=0.1, t_max=0.6, entropy_bound=0.3,
+               confidence_threshold=0.2, stability_threshold=1)),
 ]
 
 
@@ -112,7 +114,7 @@ def test_generate_token_exact(tiny_ckpt, case):
         assert early_stop and eos_mid_canvas
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", ["a", "b", "c"])  # "d": transformers' bf16 grouped_mm rejects its 20-wide experts
 def test_bf16_error_matches_reference_bf16_error(tiny_ckpt, name):
     """bf16 on CPU: dgemma's distance to the fp32 reference is no worse than transformers' own bf16 distance."""
     from transformers import DiffusionGemmaForBlockDiffusion

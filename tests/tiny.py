@@ -25,6 +25,11 @@ CONFIGS = {
               num_global_key_value_heads=1, global_head_dim=16, sliding_window=64,
               layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
               canvas_length=16),
+    # attention biases, 7 layers with the default pattern (last one forced to full), top-3 of 5 experts,
+    # no num_global_key_value_heads (full layers fall back to num_key_value_heads), canvas 32, window 6
+    "d": dict(vocab_size=260, hidden_size=40, intermediate_size=56, moe_intermediate_size=20, num_experts=5,
+              top_k_experts=3, num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2, head_dim=10,
+              global_head_dim=20, sliding_window=6, layer_types=None, attention_bias=True, canvas_length=32),
 }
 
 

@@ -91,18 +91,28 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.v_norm = RMSNorm(self.head_dim, args.rms_norm_eps, with_scale=False)
+        if bias:
+            # Upstream ties encoder and decoder *weights* only: with attention_bias the encoder keeps its own biases.
+            for name in ("q", "k", "v", "o") if self.sliding else ("q", "k", "o"):
+                proj = getattr(self, f"{name}_proj")
+                self.register_parameter(f"encoder_{name}_bias", nn.Parameter(torch.zeros(proj.out_features)))
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def linear(self, name: str, x: torch.Tensor, encoder: bool) -> torch.Tensor:
+        proj = getattr(self, f"{name}_proj")
+        bias = getattr(self, f"encoder_{name}_bias") if encoder and proj.bias is not None else proj.bias
+        return F.linear(x, proj.weight, bias)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, encoder: bool = False):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))  # [B, T, H, D]
+        q = self.q_norm(self.linear("q", x, encoder).view(B, T, self.n_heads, self.head_dim))  # [B, T, H, D]
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
-        k_raw = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        k_raw = self.linear("k", x, encoder).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
+        v = self.linear("v", x, encoder).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_norm(v).transpose(1, 2)  # [B, Hkv, T, D]
         return q, k, v
 
-    def attend(self, q, k, v, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
+    def attend(self, q, k, v, mask: torch.Tensor | None, causal: bool = False, encoder: bool = False) -> torch.Tensor:
         # q [B, H, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] (True = attend) or None (all keys visible)
         B, _, T, _ = q.shape
         rep = self.n_heads // self.n_kv
@@ -112,16 +122,16 @@ class Attention(nn.Module):
         elif rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, **gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.linear("o", out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), encoder)
 
     def forward_encoder(self, x, cos, sin, cache: KVCache, pos: torch.Tensor, valid: torch.Tensor):
         """Causal attention of new tokens over the cached prefix and themselves; writes the new K/V to the cache."""
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, cos, sin, encoder=True)
         ck, cv, cpos = cache.read(self.layer_idx)  # [B, Hkv, S, D], [B, S] (-1 = empty slot / padding)
         T = x.shape[1]
         if ck.shape[2] == 0 and bool(valid.all()) and (not self.sliding or T <= self.window):
             # Plain causal prefill (no cache, no padding, inside the window): no mask, a causal kernel.
-            out = self.attend(q, k, v, None, causal=True)
+            out = self.attend(q, k, v, None, causal=True, encoder=True)
         else:
             keys_pos = torch.cat([cpos, torch.where(valid, pos, -1)], dim=1)  # [B, S + T]
             qp, kp = pos[:, :, None], keys_pos[:, None, :]  # [B, T, 1], [B, 1, S + T]
@@ -132,7 +142,7 @@ class Attention(nn.Module):
             eye = torch.zeros_like(mask)
             eye[:, :, -T:] = torch.eye(T, dtype=torch.bool, device=x.device)
             mask |= eye & ~valid[:, :, None]
-            out = self.attend(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), mask[:, None])
+            out = self.attend(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), mask[:, None], encoder=True)
         cache.write(self.layer_idx, k, v, pos, valid)
         return out
 
@@ -214,7 +224,7 @@ class Experts(nn.Module):
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [S, in] grouped by expert (group e = rows offsets[e-1]:offsets[e]) @ w[e].T, w [E, out, in] → [S, out]."""
-    if hasattr(F, "grouped_mm") and (x.device.type != "cpu" or (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)):
+    if hasattr(F, "grouped_mm") and _aligned16(x, w):
         return F.grouped_mm(x.to(w.dtype), w.transpose(-2, -1), offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1])
     start = 0
@@ -223,6 +233,12 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
             out[start:end] = F.linear(x[start:end], w[e])
         start = end
     return out
+
+
+def _aligned16(*tensors: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned pointers and row strides (true at the real shape; tiny test dims may not be)."""
+    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
 
 
 class Layer(nn.Module):
