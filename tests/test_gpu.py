@@ -78,3 +78,67 @@ def test_cuda_bf16_generate_runs(tiny_ckpt):
     assert llm.dtype == torch.bfloat16
     outs = llm.generate([[2, 5, 6, 7], [2, 9]], SamplingParams(max_new_tokens=40, max_denoising_steps=8, seed=0))
     assert all(1 <= len(o.token_ids) <= 40 for o in outs)
+
+
+def test_cuda_graph_replay_equals_eager_static_step(tiny_ckpt):
+    """The captured step and the same step run eagerly make the same draws and decisions (bf16)."""
+    from dgemma.config import DiffusionParams
+    from dgemma.engine.fast import StaticStepper
+
+    llm = LLM(tiny_ckpt("a"), device="cuda")
+    args, C, B, L = llm.args, llm.args.canvas_length, 3, 20
+    params = DiffusionParams(max_denoising_steps=8, t_min=0.1, t_max=0.5, entropy_bound=0.5)
+    traces = []
+    for use_graph in (True, False):
+        cache = KVCache(args, B, L + C, "cuda", llm.dtype, scratch=C)
+        stepper = StaticStepper(llm.model, cache, params, B, use_graph=use_graph)
+        torch.manual_seed(0)
+        ids = torch.randint(3, args.vocab_size, (B, L), device="cuda")
+        llm.model.encode(ids, torch.arange(L, device="cuda").expand(B, -1), cache)
+        cache.advance(L)
+        stepper.start_canvas(torch.arange(L, L + C, device="cuda")[None])
+        trace = []
+        for cur in range(8, 0, -1):
+            argmax, accepted, done = stepper.step(cur)
+            trace.append((argmax.clone(), accepted.clone(), done.clone(), stepper.soft.clone()))
+        traces.append(trace)
+    for graphed, eager in zip(*traces):
+        for a, b in zip(graphed, eager):
+            assert torch.equal(a, b)
+
+
+def test_race_sampling_matches_multinomial_distribution_on_cuda():
+    """On CUDA the exponential race and torch.multinomial draw differently; their distributions must agree."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator("cuda").manual_seed(0)
+    probs = torch.softmax(torch.randn(40, device="cuda", generator=g) * 1.5, dim=-1)
+    n = 200_000
+    race = (probs / torch.empty(n, 40, device="cuda").exponential_(generator=g)).argmax(-1)
+    multi = torch.multinomial(probs, n, replacement=True, generator=g)
+    table = torch.stack([torch.bincount(race, minlength=40), torch.bincount(multi, minlength=40)]).cpu().numpy()
+    assert scipy_stats.chi2_contingency(table)[1] > 1e-3
+    expected = (probs * n).cpu().numpy()
+    assert scipy_stats.chisquare(table[0], expected)[1] > 1e-3
+
+
+def test_fast_and_reference_paths_are_statistically_indistinguishable(tiny_ckpt):
+    """End to end on CUDA: the pooled distribution of generated tokens over many seeds agrees between the graph
+    path and the reference path (fp32, so the only difference is how the random draws are made)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from dgemma.engine.generate import generate
+
+    llm = LLM(tiny_ckpt("c"), device="cuda", dtype="float32")
+    prompts = [[2, 5, 9, 11], [2, 7, 3, 8, 100, 30]]
+    counts = []
+    for fast in (True, False):
+        c = torch.zeros(llm.args.vocab_size, dtype=torch.long)
+        for seed in range(60):
+            p = SamplingParams(seed=seed, max_new_tokens=16, max_denoising_steps=6, t_min=0.8, t_max=1.2,
+                               entropy_bound=1.0).resolve(llm.defaults)
+            out = list(generate(llm.model, prompts, p, fast=fast, drafts=False))[-1]
+            for o in out.outputs:
+                c += torch.bincount(torch.tensor(o.token_ids), minlength=llm.args.vocab_size)
+        counts.append(c)
+    keep = (counts[0] + counts[1]) >= 10  # pool rare tokens so the chi-square approximation holds
+    table = torch.stack([torch.cat([c[keep], c[~keep].sum()[None]]) for c in counts]).numpy()
+    assert scipy_stats.chi2_contingency(table)[1] > 1e-3

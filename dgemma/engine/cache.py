@@ -11,6 +11,10 @@ what the decoder attends to on sliding layers. Masks are derived from `pos`, so 
 
 `length` is the number of positions written so far (shared by all rows; rows are left-padded). Layers write K/V
 through `write`; only the engine advances `length` (`advance`), after a whole encoder pass.
+
+With `scratch=C` every layer gets C extra slots after its capacity (k/v [B, Hkv, C_l + C, D]): the static-shape
+decoder (engine/fast.py) writes the canvas K/V there and attends over the whole buffer with a mask built on the
+device (`decoder_mask`), so a denoising step has fixed shapes, no host sync and no per-step concatenation.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from dgemma.config import ModelArgs
 
 
 class KVCache:
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype):
-        self.batch, self.max_len, self.length = batch, max_len, 0
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype,
+                 scratch: int = 0):
+        self.batch, self.max_len, self.length, self.scratch = batch, max_len, 0, scratch
         self.capacity: list[int] = []
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -31,7 +36,8 @@ class KVCache:
             shape = args.layer_shape(i)
             cap = min(args.sliding_window - 1, max_len) if shape.sliding else max_len
             self.capacity.append(cap)
-            self.k.append(torch.zeros(batch, shape.num_kv_heads, cap, shape.head_dim, device=device, dtype=dtype))
+            self.k.append(torch.zeros(batch, shape.num_kv_heads, cap + scratch, shape.head_dim, device=device,
+                                      dtype=dtype))
             self.v.append(torch.zeros_like(self.k[-1]))
             self.pos.append(torch.full((batch, cap), -1, dtype=torch.long, device=device))
 
@@ -61,3 +67,8 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def decoder_mask(self, layer: int) -> torch.Tensor:
+        """[B, 1, 1, C_l + scratch] bool: occupied cache slots plus every scratch (canvas) slot. Device-only."""
+        scratch = torch.ones(self.batch, self.scratch, dtype=torch.bool, device=self.pos[layer].device)
+        return torch.cat([self.pos[layer] >= 0, scratch], dim=1)[:, None, None, :]

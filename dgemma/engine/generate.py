@@ -110,22 +110,28 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 
 def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefill_chunk: int = 4096,
-             generator: torch.Generator | None = None, drafts: bool = True) -> Iterator[Event]:
+             generator: torch.Generator | None = None, drafts: bool = True,
+             fast: bool | None = None) -> Iterator[Event]:
     """Run block diffusion for a batch of token-id prompts; yields StepEvent/CanvasEvent, then one FinishedEvent.
 
     `params.seed` (if set) seeds torch's global RNG when iteration starts, which reproduces
     `torch.manual_seed(seed); model.generate(...)` in transformers. `drafts=False` skips the per-step StepEvents
-    (and their device→host copies). `generator` overrides the global RNG (e.g. one per server request)."""
-    if params.seed is not None and generator is None:
-        torch.manual_seed(params.seed)
+    (and their device→host copies). `generator` overrides the global RNG (e.g. one per server request).
+    `fast` picks the stepper: the static-shape step (a CUDA graph on GPU, engine/fast.py) or the reference step;
+    None = fast on CUDA, reference on CPU. Both make the same decisions from the same logits and random draws."""
+    from dgemma.engine.fast import StaticStepper
+
     args, device = model.args, model.embed_tokens.weight.device
-    dtype = model.embed_tokens.weight.dtype
-    C, V, N = args.canvas_length, args.vocab_size, params.max_denoising_steps
+    fast = device.type == "cuda" if fast is None else fast
+    C = args.canvas_length
     t0 = time.perf_counter()
     ids, valid = left_pad(prompts, params.pad_token_id, device)
     B, L = ids.shape
     n_canvases = math.ceil(params.max_new_tokens / C)
-    cache = KVCache(args, B, L + n_canvases * C, device, dtype)
+    cache = KVCache(args, B, L + n_canvases * C, device, model.embed_tokens.weight.dtype, scratch=C if fast else 0)
+    stepper = (StaticStepper if fast else ReferenceStepper)(model, cache, params, B, generator)
+    if params.seed is not None and generator is None:
+        torch.manual_seed(params.seed)  # after a CUDA graph capture, whose warm-up draws random numbers
     eos = torch.tensor(params.eos_token_ids, device=device)
     all_pos = torch.arange(L + n_canvases * C, device=device)
 
@@ -147,20 +153,16 @@ def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefil
                 pos = all_pos[cache.length:cache.length + C].expand(B, -1)
                 model.encode(committed[-1].to(device), pos, cache, torch.ones(B, C, dtype=torch.bool, device=device))
                 cache.advance(C)
-            dpos = all_pos[cache.length:cache.length + C][None]  # [1, C]
-            canvas = torch.randint(0, V, (B, C), device=device, generator=generator)
-            argmax = canvas
-            sc = None
+            stepper.start_canvas(all_pos[cache.length:cache.length + C][None])  # decoder positions [1, C]
             done = torch.zeros(B, dtype=torch.bool, device=device)
-            stop = S.StopState(params.stability_threshold, params.confidence_threshold)
             steps, passes_before = 0, passes.clone()
-            for cur_step in range(N, 0, -1):
+            for cur_step in range(params.max_denoising_steps, 0, -1):
                 passes += ~(done | finished)
-                canvas, argmax, sc, accepted, done = _denoise_step(
-                    model, canvas, argmax, sc, dpos, cache, done, cur_step, params, stop, generator, dtype)
+                argmax, accepted, done = stepper.step(cur_step)
                 steps += 1
                 if drafts:
-                    yield StepEvent(c, steps, argmax.cpu(), accepted.cpu(), done.cpu())
+                    yield StepEvent(c, steps, argmax.to("cpu", copy=True), accepted.to("cpu", copy=True),
+                                    done.to("cpu", copy=True))
                 if bool(done.all()):  # the one host sync per step: the adaptive stop
                     break
             steps_run.append(steps)
@@ -171,12 +173,34 @@ def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefil
             if (c + 1) * C >= params.max_new_tokens:
                 finished = torch.ones_like(finished)
             committed.append(tokens)
-            yield CanvasEvent(c, tokens.cpu(), steps, finished.cpu())
+            yield CanvasEvent(c, tokens.to("cpu", copy=True), steps, finished.to("cpu", copy=True))
             if bool(finished.all()):
                 break
 
     total_s = time.perf_counter() - t0
     yield _finish(prompts, committed, passes, row_steps, steps_run, params, prefill_s, total_s)
+
+
+class ReferenceStepper:
+    """The reference denoising step: transformers' ops and random draws in transformers' order."""
+
+    def __init__(self, model, cache: KVCache, params: DiffusionParams, batch: int, generator=None):
+        self.model, self.cache, self.params, self.generator = model, cache, params, generator
+        self.dtype = model.embed_tokens.weight.dtype
+
+    def start_canvas(self, dpos: torch.Tensor) -> None:
+        B, C, V = self.cache.batch, self.model.args.canvas_length, self.model.args.vocab_size
+        self.dpos = dpos
+        self.canvas = torch.randint(0, V, (B, C), device=dpos.device, generator=self.generator)
+        self.argmax, self.sc = self.canvas, None
+        self.done = torch.zeros(B, dtype=torch.bool, device=dpos.device)
+        self.stop = S.StopState(self.params.stability_threshold, self.params.confidence_threshold)
+
+    def step(self, cur_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.canvas, self.argmax, self.sc, accepted, self.done = _denoise_step(
+            self.model, self.canvas, self.argmax, self.sc, self.dpos, self.cache, self.done, cur_step, self.params,
+            self.stop, self.generator, self.dtype)
+        return self.argmax, accepted, self.done
 
 
 def _denoise_step(model, canvas, argmax, sc, dpos, cache, done, cur_step, params: DiffusionParams,

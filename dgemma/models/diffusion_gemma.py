@@ -158,6 +158,16 @@ class Attention(nn.Module):
         return self.attend(q, keys, values, keys_ok[:, None, None, :].expand(B, 1, T, keys_ok.shape[1]))
 
 
+    def forward_decoder_static(self, x, cos, sin, cache: KVCache):
+        """Static-shape decoder attention (CUDA-graph safe): the canvas K/V go into the cache's scratch slots and the
+        canvas attends over the whole buffer, masked on the device. Same math as `forward_decoder`."""
+        q, k, v = self.project(x, cos, sin)
+        cap = cache.capacity[self.layer_idx]
+        cache.k[self.layer_idx][:, :, cap:] = k
+        cache.v[self.layer_idx][:, :, cap:] = v
+        return self.attend(q, cache.k[self.layer_idx], cache.v[self.layer_idx], cache.decoder_mask(self.layer_idx))
+
+
 class MLP(nn.Module):
     """Gated GELU(tanh) MLP: the dense branch of each layer, and the self-conditioning block's body."""
 
@@ -212,7 +222,8 @@ class Experts(nn.Module):
         N, k = idx.shape
         expert_sorted, perm = torch.sort(idx.reshape(-1))  # [N*k]
         xs = x[perm // k]  # [N*k, hidden], grouped by expert
-        counts = torch.bincount(expert_sorted, minlength=self.num_experts)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, expert_sorted, torch.ones_like(expert_sorted, dtype=torch.int32))  # no host sync
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         gate, up = grouped_linear(xs, self.gate_up_proj, offsets).chunk(2, dim=-1)
         y = grouped_linear(F.gelu(gate, approximate="tanh") * up, self.down_proj, offsets)  # [N*k, hidden]
@@ -224,7 +235,9 @@ class Experts(nn.Module):
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [S, in] grouped by expert (group e = rows offsets[e-1]:offsets[e]) @ w[e].T, w [E, out, in] → [S, out]."""
-    if hasattr(F, "grouped_mm") and _aligned16(x, w):
+    # Training takes the loop: grouped_mm has no CPU backward in torch 2.13 (inference never needs gradients).
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if hasattr(F, "grouped_mm") and _aligned16(x, w) and not needs_grad:
         return F.grouped_mm(x.to(w.dtype), w.transpose(-2, -1), offs=offsets)
     out = x.new_empty(x.shape[0], w.shape[1])
     start = 0
@@ -270,10 +283,12 @@ class Layer(nn.Module):
         moe = self.post_feedforward_layernorm_2(moe)
         return x + self.post_feedforward_layernorm(dense + moe)
 
-    def forward(self, x, cos, sin, cache: KVCache, encoder: bool, pos=None, valid=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache, encoder: bool, pos=None, valid=None, static=False) -> torch.Tensor:
         h = self.input_layernorm(x)
         if encoder:
             h = self.self_attn.forward_encoder(h, cos, sin, cache, pos, valid)
+        elif static:
+            h = self.self_attn.forward_decoder_static(h, cos, sin, cache)
         else:
             h = self.self_attn.forward_decoder(h, cos, sin, cache)
         x = x + self.post_attention_layernorm(h)
@@ -336,11 +351,11 @@ class DiffusionGemma(nn.Module):
         cap = self.args.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    def run_layers(self, x, pos, cache: KVCache, encoder: bool, valid=None) -> torch.Tensor:
+    def run_layers(self, x, pos, cache: KVCache, encoder: bool, valid=None, static=False) -> torch.Tensor:
         rope = self.rope(pos, x.dtype)
         for i, layer in enumerate(self.layers):
             cos, sin = rope[self.args.layer_types[i]]
-            x = layer(x, cos, sin, cache, encoder, pos, valid)
+            x = layer(x, cos, sin, cache, encoder, pos, valid, static)
         return self.norm(x)
 
     # --- the two passes ---------------------------------------------------------------------------------------
@@ -361,13 +376,25 @@ class DiffusionGemma(nn.Module):
         return torch.matmul(probs, w) * self.embed_scale.to(dtype)
 
     def denoise(self, canvas: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-                sc_logits: torch.Tensor | None = None) -> torch.Tensor:
+                sc_logits: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One decoder pass: canvas ids [B, C] at positions pos [B|1, C], previous step's temperature-scaled logits
-        [B, C, V] (None on the first step). Returns fp32 softcapped logits [B, C, V]. Reads the cache only."""
+        [B, C, V] (None on the first step). Returns fp32 softcapped logits [B, C, V]. Reads the cache only.
+        `sc_mask` [B] (training): rows set False get a zero self-conditioning signal, as transformers'
+        `self_conditioning_mask` does."""
         x = self.embed(canvas)
         soft = self.soft_embed(sc_logits, x.dtype) if sc_logits is not None else None
+        if soft is not None and sc_mask is not None:
+            soft = soft * sc_mask.to(soft.dtype)[:, None, None]
         x = self.self_conditioning(x, soft)
         return self.lm_head(self.run_layers(x, pos, cache, False))
+
+    def denoise_static(self, canvas: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                       soft: torch.Tensor) -> torch.Tensor:
+        """`denoise` with fixed shapes and no host syncs, for CUDA-graph capture (engine/fast.py). Takes the
+        self-conditioning soft embeddings [B, C, hidden] directly (zeros on the first step give exactly the same
+        result as no self-conditioning) and needs a cache built with `scratch=canvas_length`."""
+        x = self.self_conditioning(self.embed(canvas), soft)
+        return self.lm_head(self.run_layers(x, pos, cache, False, static=True))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

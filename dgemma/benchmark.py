@@ -1,0 +1,169 @@
+"""Measurements behind `dgemma bench`: random-weight models at the real shape, per-phase timings, the HBM floor.
+
+What it measures, per (precision, batch, prompt length, steps):
+- `ttft_ms`: the prefill (encoder over the prompt), i.e. time to the first canvas' first step;
+- `ms_per_step`: one denoising step (decoder pass + sampling) of the fast path (CUDA graph) or the reference path;
+- `ms_per_commit`: the encoder pass over one committed canvas;
+- `floor_ms_per_step`: bytes a step must read (every text weight: 256 tokens × top-k touch all experts; the
+  embedding twice, as LM head and as self-conditioning table) / copy bandwidth measured in the same run;
+- tokens/s = batch × canvas / (steps × step + commit), with and without the prefill (one canvas per request);
+- `transformers_ms_per_step` (optional): transformers 5.23.0 eager, same weights (aliased, not copied), same prompt.
+Timings use CUDA events around many repetitions after warm-up. The adaptive stop is off (fixed steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from dgemma.config import DiffusionParams, ModelArgs
+from dgemma.engine.cache import KVCache
+from dgemma.engine.fast import StaticStepper
+from dgemma.engine.generate import ReferenceStepper
+from dgemma.models.diffusion_gemma import DiffusionGemma
+
+SHAPES = {
+    "26b-a4b": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704,
+                    num_experts=128, top_k_experts=8, num_hidden_layers=30, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=256, num_global_key_value_heads=2, global_head_dim=512,
+                    sliding_window=1024, eos_token_id=[1, 106], canvas_length=256),
+    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_experts=8,
+                 top_k_experts=2, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 num_global_key_value_heads=1, global_head_dim=64, sliding_window=128, canvas_length=256),
+}
+
+
+def random_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> DiffusionGemma:
+    """A model at a named shape with random weights made directly on `device` (no checkpoint, no host copy)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    args = ModelArgs(**SHAPES[shape])
+    with torch.device("meta"):
+        model = DiffusionGemma(args)
+    g = torch.Generator(device).manual_seed(seed)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith(("_inv_freq", "embed_scale")):
+            continue
+        if t.dim() < 2:  # norms, scales, layer scalars: near one
+            value = 1.0 + 0.1 * torch.randn(t.shape, device=device, generator=g)
+        else:
+            value = torch.randn(t.shape, device=device, generator=g) * t.shape[-1] ** -0.5
+        mod_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(mod_name)
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(value.to(dtype), requires_grad=False)
+        else:
+            module._buffers[attr] = value.to(dtype)
+    model.init_buffers(torch.device(device))
+    return model.eval()
+
+
+def step_bytes(model: DiffusionGemma) -> int:
+    """Bytes one denoising step must read from memory at least: all weights, the embedding table twice."""
+    w = model.embed_tokens.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + w.numel() * w.element_size()
+
+
+def copy_bandwidth(device: str, gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    n = int(gib * 2**30) // 4
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    ms = time_ms(lambda: b.copy_(a), device, reps=20)
+    return 2 * n * 4 / (ms / 1e3)
+
+
+def time_ms(fn, device: str, reps: int = 10, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) * 1e3 / reps
+
+
+@dataclasses.dataclass
+class Config:
+    batch: int
+    prompt_len: int
+    steps: int
+    fast: bool = True
+
+
+def measure(model: DiffusionGemma, cfg: Config, device: str, reps: int = 10) -> dict:
+    """Prefill, step and commit timings for one configuration (fixed steps: the adaptive stop cannot fire)."""
+    args, C = model.args, model.args.canvas_length
+    B, L = cfg.batch, cfg.prompt_len
+    params = DiffusionParams(max_denoising_steps=cfg.steps, confidence_threshold=1e-30)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(3, args.vocab_size, (B, L), device=device)
+    pos = torch.arange(L + 2 * C, device=device)
+    cache = KVCache(args, B, L + 2 * C, device, model.embed_tokens.weight.dtype, scratch=C if cfg.fast else 0)
+    with torch.inference_mode():
+        def prefill():
+            cache.length = 0
+            for s in range(0, L, 4096):
+                e = min(s + 4096, L)
+                model.encode(ids[:, s:e], pos[s:e].expand(B, -1), cache)
+                cache.advance(e - s)
+        ttft = time_ms(prefill, device, reps=max(1, reps // 3), warmup=1)
+        canvas = torch.randint(0, args.vocab_size, (B, C), device=device)
+
+        def commit():
+            model.encode(canvas, pos[L:L + C].expand(B, -1), cache)  # written, never advanced: repeatable
+        ms_commit = time_ms(commit, device, reps=reps)
+        stepper = (StaticStepper if cfg.fast else ReferenceStepper)(model, cache, params, B)
+        stepper.start_canvas(pos[L:L + C][None])
+        counter = iter(range(10**9))
+        ms_step = time_ms(lambda: stepper.step(cfg.steps - next(counter) % cfg.steps), device, reps=reps * 2)
+    per_canvas_ms = cfg.steps * ms_step + ms_commit
+    return {"batch": B, "prompt_len": L, "steps": cfg.steps, "path": "fast" if cfg.fast else "reference",
+            "ttft_ms": ttft, "ms_per_step": ms_step, "ms_per_commit": ms_commit,
+            "tok_s_excl_prefill": B * C / (per_canvas_ms / 1e3),
+            "tok_s_incl_prefill": B * C / ((ttft + per_canvas_ms) / 1e3),
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None}
+
+
+def environment(device: str) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "commit": commit}
+
+
+def write_results(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    cols = ["gpu", "precision", "shape", "path", "batch", "prompt_len", "steps", "ms_per_step", "floor_ms_per_step",
+            "ms_per_commit", "ttft_ms", "tok_s_excl_prefill", "tok_s_incl_prefill", "transformers_ms_per_step",
+            "peak_mem_gb"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    md_path.write_text(f"`{rows[0]['command']}`\n\n" + "\n".join(lines) + "\n" if rows else "")
+    return json_path, md_path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+    return "—" if v is None else str(v)
