@@ -65,7 +65,7 @@ def test_cuda_fp32_generate_token_exact(tiny_ckpt, case):
 
     name, knobs = GEN_CASES[case]
     path = tiny_ckpt(name)
-    hf, llm = hf_on(path, torch.float32), LLM(path, device="cuda", dtype="float32")
+    hf, llm = hf_on(path, torch.float32), LLM(path, device="cuda", dtype="float32", fast=False)
     for seed in range(2):
         ids, mask = (t.cuda() for t in padded_batch(llm.args.vocab_size, [13, 9, 11][: 1 + seed], seed=100 + seed))
         expected = reference_generate(hf, ids, mask, seed, knobs)
@@ -142,3 +142,10 @@ def test_fast_and_reference_paths_are_statistically_indistinguishable(tiny_ckpt)
     keep = (counts[0] + counts[1]) >= 10  # pool rare tokens so the chi-square approximation holds
     table = torch.stack([torch.cat([c[keep], c[~keep].sum()[None]]) for c in counts]).numpy()
     assert scipy_stats.chi2_contingency(table)[1] > 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_fast_generate_runs(tiny_ckpt, dtype):
+    llm = LLM(tiny_ckpt("b"), device="cuda", dtype=dtype)
+    outs = llm.generate([[2, 5, 6, 7], [2, 9]], SamplingParams(max_new_tokens=30, max_denoising_steps=6, seed=0))
+    assert all(1 <= len(o.token_ids) <= 30 for o in outs)

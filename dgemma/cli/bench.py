@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
                     row = common | bm.measure(model, bm.Config(B, L, steps, fast), device, args.reps)
                     if args.compare == "transformers" and fast:
                         row["transformers_ms_per_step"] = transformers_step_ms(model, B, L, steps, device, args.reps)
+                        row["transformers_path"] = "eager, DynamicCache (torch.compile path not measured yet)"
                     rows.append(row)
                     _print_row(row)
     stem = f"bench-{env['gpu'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"

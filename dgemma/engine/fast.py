@@ -45,7 +45,9 @@ class StaticStepper:
         self.cur_step = torch.zeros((), dtype=torch.int32, device=dev)
         self.vocab = V
         self.graph: torch.cuda.CUDAGraph | None = None
-        if use_graph if use_graph is not None else dev.type == "cuda":
+        if use_graph is None:  # fp32 attention takes sdpa's math path, which copies a host scalar: not capturable
+            use_graph = dev.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        if use_graph:
             self._capture()
 
     # --- per canvas / per step (host side: launches only, no syncs) -----------------------------------------

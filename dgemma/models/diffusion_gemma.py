@@ -165,7 +165,13 @@ class Attention(nn.Module):
         cap = cache.capacity[self.layer_idx]
         cache.k[self.layer_idx][:, :, cap:] = k
         cache.v[self.layer_idx][:, :, cap:] = v
-        return self.attend(q, cache.k[self.layer_idx], cache.v[self.layer_idx], cache.decoder_mask(self.layer_idx))
+        B, H, T, D = q.shape
+        # The mask does not depend on the query, so the query heads sharing a KV head can be stacked along the
+        # sequence: [B, Hkv, rep*T, D] against K/V [B, Hkv, S, D]. Same math as repeating K/V, without the copy.
+        q = q.reshape(B, self.n_kv, (H // self.n_kv) * T, D)
+        out = F.scaled_dot_product_attention(q, cache.k[self.layer_idx], cache.v[self.layer_idx],
+                                             attn_mask=cache.decoder_mask(self.layer_idx), scale=1.0)
+        return self.o_proj(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
