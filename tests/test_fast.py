@@ -58,6 +58,9 @@ class TableModel(torch.nn.Module):
     def soft_embed(self, logits, dtype):
         return torch.zeros(*logits.shape[:-1], self.args.hidden_size, dtype=dtype)
 
+    def soft_from_probs(self, probs, dtype):
+        return self.soft_embed(probs, dtype)
+
 
 @pytest.mark.parametrize("stability", [0, 1, 2])
 def test_static_sampler_makes_identical_decisions(stability):

@@ -10,6 +10,7 @@ command, git commit, GPU, torch version, precision, shape, batch, prompt length 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -39,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", action="store_true", help="also time the reference (eager) step")
     p.add_argument("--compare", choices=["transformers"], default=None,
                    help="also time transformers 5.23.0's eager denoising step on the same weights")
+    p.add_argument("--compile", action="store_true",
+                   help="fuse norms and sampler passes with torch.compile (experimental; sets DGEMMA_COMPILE=1)")
     p.add_argument("--reps", type=_positive, default=10, help="timed repetitions per measurement (default 10)")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown results")
 
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from dgemma import benchmark as bm
     from dgemma.api import LLM, resolve_device, resolve_dtype
 
+    if args.compile:
+        os.environ["DGEMMA_COMPILE"] = "1"
     device = str(resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     dtype = resolve_dtype(args.dtype, torch.device(device))
     if args.model:

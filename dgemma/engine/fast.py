@@ -19,11 +19,29 @@ Notable choices:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dgemma.config import DiffusionParams
 from dgemma.engine import sampler as S
 from dgemma.engine.cache import KVCache
+
+
+def scores(processed: torch.Tensor, race: torch.Tensor, sc_dtype: torch.dtype):
+    """Per position: the race sample argmax(p / E), the argmax, the entropy (as Categorical.entropy) and the
+    self-conditioning softmax, taken (as upstream) of the scores rounded to the model dtype."""
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    sc_probs = probs if sc_dtype == torch.float32 else torch.softmax(processed.to(sc_dtype), -1, dtype=torch.float32)
+    return (probs / race).argmax(dim=-1), processed.argmax(dim=-1), S.entropy(processed), sc_probs
+
+
+SAMPLER = {"scores": scores}
+
+
+def use_compiled_sampler(enabled: bool = True) -> None:
+    """Opt-in (DGEMMA_COMPILE=1): fuse the passes over the [rows, C, V] fp32 scores with torch.compile."""
+    SAMPLER["scores"] = torch.compile(scores, dynamic=False) if enabled else scores
 
 
 class StaticStepper:
@@ -45,6 +63,11 @@ class StaticStepper:
         self.cur_step = torch.zeros((), dtype=torch.int32, device=dev)
         self.vocab = V
         self.graph: torch.cuda.CUDAGraph | None = None
+        if os.environ.get("DGEMMA_COMPILE") == "1" and dev.type == "cuda":  # opt-in fused elementwise kernels
+            from dgemma.models.diffusion_gemma import use_compiled_kernels
+
+            use_compiled_kernels()
+            use_compiled_sampler()
         if use_graph is None:  # fp32 attention takes sdpa's math path, which copies a host scalar: not capturable
             use_graph = dev.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         if use_graph:
@@ -78,14 +101,13 @@ class StaticStepper:
         sampled, new_argmax, accepted, soft, confident = [], [], [], [], []
         for r in range(0, B, self.sample_rows):  # all exponential draws precede the renoise draw, as upstream
             processed = logits[r:r + self.sample_rows] / temp
-            probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-            race = torch.empty_like(probs).exponential_(generator=self.generator)
-            sampled.append((probs / race).argmax(dim=-1))
-            new_argmax.append(processed.argmax(dim=-1))
-            h = S.entropy(processed)
+            race = torch.empty_like(processed).exponential_(generator=self.generator)
+            sample, amax, h, probs = SAMPLER["scores"](processed, race, self.soft.dtype)
+            sampled.append(sample)
+            new_argmax.append(amax)
             accepted.append(S.accept_mask(h, p.entropy_bound))
             confident.append(h.mean(dim=-1) < p.confidence_threshold)
-            soft.append(model.soft_embed(processed.to(self.soft.dtype), self.soft.dtype))
+            soft.append(model.soft_from_probs(probs, self.soft.dtype))
         accepted_t = torch.cat(accepted)
         new_canvas = torch.where(accepted_t, torch.cat(sampled), self.canvas)
         noise = torch.randint(0, self.vocab, self.canvas.shape, device=self.canvas.device, generator=self.generator)

@@ -21,6 +21,25 @@ from dgemma.config import ModelArgs
 from dgemma.engine.cache import KVCache
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    # pow(-0.5) rather than rsqrt: the reference does the same, keeping fp32 results bit-close.
+    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
+
+# Elementwise pieces that `use_compiled_kernels()` may swap for torch.compile'd (fused Triton) versions on GPU.
+KERNELS = {"rms_norm": rms_norm}
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Opt-in: fuse each RMSNorm (upcast, square, mean, scale, cast: five kernels) into one with torch.compile.
+    Same math, float results may differ in the last bits. Used by the fast path when DGEMMA_COMPILE=1."""
+    KERNELS["rms_norm"] = torch.compile(rms_norm, dynamic=False) if enabled else rms_norm
+
+
 class RMSNorm(nn.Module):
     """Gemma 4 RMSNorm: computed in fp32, weight used as is (no `1 + w`, unlike Gemma 1-3)."""
 
@@ -30,12 +49,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        # pow(-0.5) rather than rsqrt: the reference does the same, keeping fp32 results bit-close.
-        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            out = out * self.weight.float()
-        return out.type_as(x)
+        return KERNELS["rms_norm"](x, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs, layer_type: str) -> torch.Tensor:
@@ -377,9 +391,12 @@ class DiffusionGemma(nn.Module):
 
     def soft_embed(self, sc_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Self-conditioning input: softmax(previous processed logits) @ E × embed scale ([B, T, hidden])."""
+        return self.soft_from_probs(sc_logits.softmax(dim=-1, dtype=torch.float32), dtype)
+
+    def soft_from_probs(self, probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Expected embedding under `probs` [B, T, V] (fp32): probs @ E × embed scale, as upstream."""
         w = self.embed_tokens.weight
-        probs = sc_logits.softmax(dim=-1, dtype=torch.float32).to(w.dtype)
-        return torch.matmul(probs, w) * self.embed_scale.to(dtype)
+        return torch.matmul(probs.to(w.dtype), w) * self.embed_scale.to(dtype)
 
     def denoise(self, canvas: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                 sc_logits: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> torch.Tensor:
