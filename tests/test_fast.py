@@ -110,3 +110,29 @@ def test_fast_generate_matches_reference_on_cpu(tiny_ckpt, name):
         fast = list(generate(llm.model, prompts, p, fast=True, drafts=False))[-1]
         assert [o.token_ids for o in fast.outputs] == [o.token_ids for o in ref.outputs]
         assert [o.stats.steps_per_canvas for o in fast.outputs] == [o.stats.steps_per_canvas for o in ref.outputs]
+
+
+@pytest.mark.parametrize("name", ["a", "d"])
+@pytest.mark.parametrize("prompt_len", [3, 40])
+def test_static_commit_pass_writes_the_same_cache(tiny_ckpt, name, prompt_len):
+    """encode_static (the graph-captured commit pass) writes the same K/V and slot positions as encode."""
+    llm = LLM(tiny_ckpt(name), device="cpu")
+    model, args, B, L = llm.model, llm.args, 2, prompt_len
+    C = args.canvas_length
+    ids = torch.randint(3, args.vocab_size, (B, L), generator=torch.Generator().manual_seed(1))
+    canvas = torch.randint(0, args.vocab_size, (B, C), generator=torch.Generator().manual_seed(2))
+    ref, fast = KVCache(args, B, L + 2 * C, "cpu", torch.float32), KVCache(args, B, L + 2 * C, "cpu", torch.float32,
+                                                                           scratch=C)
+    with torch.no_grad():
+        for cache in (ref, fast):
+            model.encode(ids, torch.arange(L).expand(B, -1), cache)
+            cache.advance(L)
+        h_ref = model.encode(canvas, torch.arange(L, L + C).expand(B, -1), ref)
+        h_fast = model.encode_static(canvas, torch.arange(L, L + C).expand(B, -1), fast)
+    for cache in (ref, fast):
+        cache.advance(C)
+    assert (h_ref - h_fast).abs().max() <= 1e-4
+    for layer in range(args.num_hidden_layers):
+        (k1, v1, p1), (k2, v2, p2) = ref.read(layer), fast.read(layer)
+        assert torch.equal(p1, p2)
+        assert (k1 - k2).abs().max() <= 1e-4 and (v1 - v2).abs().max() <= 1e-4

@@ -61,8 +61,11 @@ class StaticStepper:
         self.history = torch.full((max(params.stability_threshold, 1), B, C), -1, dtype=torch.long, device=dev)
         self.dpos = torch.zeros(1, C, dtype=torch.long, device=dev)
         self.cur_step = torch.zeros((), dtype=torch.int32, device=dev)
+        self.enc_ids = torch.zeros(B, C, dtype=torch.long, device=dev)  # committed canvas → encoder (commit pass)
+        self.enc_pos = torch.zeros(B, C, dtype=torch.long, device=dev)
         self.vocab = V
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.commit_graph: torch.cuda.CUDAGraph | None = None
         if os.environ.get("DGEMMA_COMPILE") == "1" and dev.type == "cuda":  # opt-in fused elementwise kernels
             from dgemma.models.diffusion_gemma import use_compiled_kernels
 
@@ -82,6 +85,16 @@ class StaticStepper:
         self.soft.zero_()
         self.done.zero_()
         self.history.fill_(-1)
+
+    def commit(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        """Encode a committed canvas ids/pos [B, C] into the cache (static shapes; replayed graph on GPU)."""
+        self.enc_ids.copy_(ids)
+        self.enc_pos.copy_(pos)
+        if self.commit_graph is not None:
+            self.commit_graph.replay()
+        else:
+            with torch.inference_mode():
+                self.model.encode_static(self.enc_ids, self.enc_pos, self.cache)
 
     def step(self, cur_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.cur_step.fill_(cur_step)
@@ -131,13 +144,21 @@ class StaticStepper:
         return stable
 
     def _capture(self) -> None:
-        """Warm up on a side stream (allocator, cuBLAS workspaces), then capture one step."""
+        """Warm up on a side stream (allocator, cuBLAS workspaces), then capture one step and one commit pass.
+        Runs before the prefill: the warm-up commits write junk slots, so slot positions are reset afterwards."""
+        self.enc_pos.copy_(torch.arange(self.enc_pos.shape[1], device=self.enc_pos.device).expand_as(self.enc_pos))
+        encode = torch.inference_mode()(lambda: self.model.encode_static(self.enc_ids, self.enc_pos, self.cache))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._step()
+                encode()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph, self.commit_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()
+        with torch.cuda.graph(self.commit_graph, pool=self.graph.pool()):
+            encode()
+        for pos in self.cache.pos:
+            pos.fill_(-1)

@@ -150,8 +150,7 @@ def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefil
         steps_run: list[int] = []
         for c in range(n_canvases):
             if c > 0:  # encode the canvas committed last (pads included, as upstream) into the cache
-                pos = all_pos[cache.length:cache.length + C].expand(B, -1)
-                model.encode(committed[-1].to(device), pos, cache, torch.ones(B, C, dtype=torch.bool, device=device))
+                stepper.commit(committed[-1].to(device), all_pos[cache.length:cache.length + C].expand(B, -1))
                 cache.advance(C)
             stepper.start_canvas(all_pos[cache.length:cache.length + C][None])  # decoder positions [1, C]
             done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -187,6 +186,9 @@ class ReferenceStepper:
     def __init__(self, model, cache: KVCache, params: DiffusionParams, batch: int, generator=None):
         self.model, self.cache, self.params, self.generator = model, cache, params, generator
         self.dtype = model.embed_tokens.weight.dtype
+
+    def commit(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        self.model.encode(ids, pos, self.cache, torch.ones_like(ids, dtype=torch.bool))
 
     def start_canvas(self, dpos: torch.Tensor) -> None:
         B, C, V = self.cache.batch, self.model.args.canvas_length, self.model.args.vocab_size

@@ -172,6 +172,28 @@ class Attention(nn.Module):
         return self.attend(q, keys, values, keys_ok[:, None, None, :].expand(B, 1, T, keys_ok.shape[1]))
 
 
+    def forward_encoder_static(self, x, cos, sin, cache: KVCache, pos: torch.Tensor):
+        """Static-shape encoder attention for a committed canvas (no padding; CUDA-graph safe): new K/V go to the
+        scratch slots, the causal/sliding mask comes from slot positions on the device, then the new K/V are
+        stored in their cache slots. Same math as `forward_encoder`."""
+        q, k, v = self.project(x, cos, sin, encoder=True)
+        layer, cap, T = self.layer_idx, cache.capacity[self.layer_idx], x.shape[1]
+        ck, cv = cache.k[layer], cache.v[layer]
+        ck[:, :, cap:cap + T] = k
+        cv[:, :, cap:cap + T] = v
+        kp = torch.cat([cache.pos[layer], pos], dim=1)[:, None, :]  # [B, 1, cap + T]
+        qp = pos[:, :, None]  # [B, T, 1]
+        mask = (kp >= 0) & (kp <= qp)
+        if self.sliding:
+            mask &= kp > qp - self.window
+        out = self.attend(q, ck[:, :, :cap + T], cv[:, :, :cap + T], mask[:, None], encoder=True)
+        keep = min(T, cap)  # store the new K/V (a ring keeps only the last `cap` positions)
+        slots = pos[0, -keep:] % cap
+        ck[:, :, slots] = k[:, :, -keep:]
+        cv[:, :, slots] = v[:, :, -keep:]
+        cache.pos[layer][:, slots] = pos[:, -keep:]
+        return out
+
     def forward_decoder_static(self, x, cos, sin, cache: KVCache):
         """Static-shape decoder attention (CUDA-graph safe): the canvas K/V go into the cache's scratch slots and the
         canvas attends over the whole buffer, masked on the device. Same math as `forward_decoder`."""
@@ -305,7 +327,9 @@ class Layer(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache, encoder: bool, pos=None, valid=None, static=False) -> torch.Tensor:
         h = self.input_layernorm(x)
-        if encoder:
+        if encoder and static:
+            h = self.self_attn.forward_encoder_static(h, cos, sin, cache, pos)
+        elif encoder:
             h = self.self_attn.forward_encoder(h, cos, sin, cache, pos, valid)
         elif static:
             h = self.self_attn.forward_decoder_static(h, cos, sin, cache)
@@ -388,6 +412,11 @@ class DiffusionGemma(nn.Module):
         if (ids >= self.args.vocab_size).any() or (ids < 0).any():
             raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}) for this model")
         return self.run_layers(self.embed(ids), pos, cache, True, valid)
+
+    def encode_static(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`encode` for a committed canvas with fixed shapes and no host syncs (CUDA-graph capture): ids/pos [B, C],
+        no padding, a cache built with scratch >= C. Writes the same cache entries as `encode`."""
+        return self.run_layers(self.embed(ids), pos, cache, True, static=True)
 
     def soft_embed(self, sc_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Self-conditioning input: softmax(previous processed logits) @ E × embed scale ([B, T, hidden])."""
