@@ -109,6 +109,17 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), valid.to(device)
 
 
+@dataclass
+class _Batch:
+    """Per-generation bookkeeping shared by the canvas loop and the final stats."""
+
+    finished: torch.Tensor  # [B] bool: rows that ended (EOS or length)
+    passes: torch.Tensor  # [B] decoder passes each row took while unfinished
+    row_steps: list[list[int]]  # per row, steps taken in each canvas it ran
+    committed: list[torch.Tensor] = field(default_factory=list)  # committed canvases [B, C] (device)
+    steps_run: list[int] = field(default_factory=list)  # steps per canvas (max over rows)
+
+
 def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefill_chunk: int = 4096,
              generator: torch.Generator | None = None, drafts: bool = True,
              fast: bool | None = None) -> Iterator[Event]:
@@ -121,20 +132,20 @@ def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefil
     None = fast on CUDA, reference on CPU. Both make the same decisions from the same logits and random draws."""
     from dgemma.engine.fast import StaticStepper
 
-    args, device = model.args, model.embed_tokens.weight.device
+    device, C = model.embed_tokens.weight.device, model.args.canvas_length
     fast = device.type == "cuda" if fast is None else fast
-    C = args.canvas_length
     t0 = time.perf_counter()
     ids, valid = left_pad(prompts, params.pad_token_id, device)
     B, L = ids.shape
     n_canvases = math.ceil(params.max_new_tokens / C)
-    cache = KVCache(args, B, L + n_canvases * C, device, model.embed_tokens.weight.dtype, scratch=C if fast else 0)
+    cache = KVCache(model.args, B, L + n_canvases * C, device, model.embed_tokens.weight.dtype,
+                    scratch=C if fast else 0)
     stepper = (StaticStepper if fast else ReferenceStepper)(model, cache, params, B, generator)
     if params.seed is not None and generator is None:
         torch.manual_seed(params.seed)  # after a CUDA graph capture, whose warm-up draws random numbers
-    eos = torch.tensor(params.eos_token_ids, device=device)
     all_pos = torch.arange(L + n_canvases * C, device=device)
-
+    state = _Batch(torch.zeros(B, dtype=torch.bool, device=device), torch.zeros(B, dtype=torch.long, device=device),
+                   [[] for _ in range(B)])
     with torch.inference_mode():
         for start in range(0, L, prefill_chunk):  # chunked prefill: same math, bounded activation memory
             end = min(start + prefill_chunk, L)
@@ -142,42 +153,40 @@ def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefil
             model.encode(ids[:, start:end], pos, cache, valid[:, start:end])
             cache.advance(end - start)
         prefill_s = time.perf_counter() - t0
-
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        passes = torch.zeros(B, dtype=torch.long, device=device)
-        row_steps: list[list[int]] = [[] for _ in range(B)]
-        committed: list[torch.Tensor] = []
-        steps_run: list[int] = []
         for c in range(n_canvases):
             if c > 0:  # encode the canvas committed last (pads included, as upstream) into the cache
-                stepper.commit(committed[-1].to(device), all_pos[cache.length:cache.length + C].expand(B, -1))
+                stepper.commit(state.committed[-1], all_pos[cache.length:cache.length + C].expand(B, -1))
                 cache.advance(C)
             stepper.start_canvas(all_pos[cache.length:cache.length + C][None])  # decoder positions [1, C]
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            steps, passes_before = 0, passes.clone()
-            for cur_step in range(params.max_denoising_steps, 0, -1):
-                passes += ~(done | finished)
-                argmax, accepted, done = stepper.step(cur_step)
-                steps += 1
-                if drafts:
-                    yield StepEvent(c, steps, argmax.to("cpu", copy=True), accepted.to("cpu", copy=True),
-                                    done.to("cpu", copy=True))
-                if bool(done.all()):  # the one host sync per step: the adaptive stop
-                    break
-            steps_run.append(steps)
-            for b, n in enumerate((passes - passes_before).tolist()):
-                if n:
-                    row_steps[b].append(n)
-            tokens, finished = _commit(argmax, finished, eos, params.pad_token_id)
-            if (c + 1) * C >= params.max_new_tokens:
-                finished = torch.ones_like(finished)
-            committed.append(tokens)
-            yield CanvasEvent(c, tokens.to("cpu", copy=True), steps, finished.to("cpu", copy=True))
-            if bool(finished.all()):
+            yield from _denoise_canvas(stepper, state, c, params, drafts)
+            if bool(state.finished.all()):
                 break
+    yield _finish(prompts, state, params, prefill_s, time.perf_counter() - t0)
 
-    total_s = time.perf_counter() - t0
-    yield _finish(prompts, committed, passes, row_steps, steps_run, params, prefill_s, total_s)
+
+def _denoise_canvas(stepper, state: _Batch, c: int, params: DiffusionParams, drafts: bool) -> Iterator[Event]:
+    """Denoise one canvas to the adaptive stop (or N steps), then commit it."""
+    done = torch.zeros_like(state.finished)
+    steps, passes_before = 0, state.passes.clone()
+    for cur_step in range(params.max_denoising_steps, 0, -1):
+        state.passes += ~(done | state.finished)
+        argmax, accepted, done = stepper.step(cur_step)
+        steps += 1
+        if drafts:
+            yield StepEvent(c, steps, argmax.to("cpu", copy=True), accepted.to("cpu", copy=True),
+                            done.to("cpu", copy=True))
+        if bool(done.all()):  # the one host sync per step: the adaptive stop
+            break
+    state.steps_run.append(steps)
+    for b, n in enumerate((state.passes - passes_before).tolist()):
+        if n:
+            state.row_steps[b].append(n)
+    eos = torch.tensor(params.eos_token_ids, device=argmax.device)
+    tokens, state.finished = _commit(argmax, state.finished, eos, params.pad_token_id)
+    if (c + 1) * argmax.shape[1] >= params.max_new_tokens:
+        state.finished = torch.ones_like(state.finished)
+    state.committed.append(tokens)
+    yield CanvasEvent(c, tokens.to("cpu", copy=True), steps, state.finished.to("cpu", copy=True))
 
 
 class ReferenceStepper:
@@ -237,21 +246,21 @@ def _commit(argmax: torch.Tensor, finished: torch.Tensor, eos: torch.Tensor, pad
     return tokens, finished | has_eos
 
 
-def _finish(prompts, committed, passes, row_steps, steps_run, params: DiffusionParams, prefill_s, total_s):
-    allt = torch.cat(committed, dim=1).tolist() if committed else [[] for _ in prompts]
+def _finish(prompts, state: _Batch, params: DiffusionParams, prefill_s: float, total_s: float) -> FinishedEvent:
+    allt = torch.cat(state.committed, dim=1).tolist() if state.committed else [[] for _ in prompts]
     eos = set(params.eos_token_ids)
     outputs, seq_stats = [], []
     for b, row in enumerate(allt):
         row = row[:params.max_new_tokens]
         cut = next((i for i, t in enumerate(row) if t in eos), None)
         toks, reason = (row[:cut + 1], "stop") if cut is not None else (row, "length")
-        n_pass = int(passes[b])
-        st = SequenceStats(len(prompts[b]), len(toks), len(row_steps[b]), row_steps[b], n_pass,
+        n_pass = int(state.passes[b])
+        st = SequenceStats(len(prompts[b]), len(toks), len(state.row_steps[b]), state.row_steps[b], n_pass,
                            len(toks) / n_pass if n_pass else 0.0)
         seq_stats.append(st)
         outputs.append(SequenceOutput(toks, reason, st))
     new = sum(s.new_tokens for s in seq_stats)
     all_passes = sum(s.decoder_passes for s in seq_stats)
-    stats = GenerationStats(len(prompts), len(committed), steps_run, prefill_s, total_s - prefill_s, total_s, new,
-                            new / all_passes if all_passes else 0.0, seq_stats)
+    stats = GenerationStats(len(prompts), len(state.committed), state.steps_run, prefill_s, total_s - prefill_s,
+                            total_s, new, new / all_passes if all_passes else 0.0, seq_stats)
     return FinishedEvent(outputs, stats)
