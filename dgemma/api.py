@@ -133,11 +133,20 @@ class LLM:
     """A loaded DiffusionGemma checkpoint plus its tokenizer and sampling defaults."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None):
+                 dtype: str | torch.dtype | None = None, lora: str | os.PathLike | None = None, *,
+                 fast: bool | None = None):
+        # fast: the static-shape CUDA-graph step (the default on CUDA) or the reference step (the default on CPU;
+        # on CUDA it makes the same random draws as transformers' generate, while the fast path draws differently).
+        self.fast = fast
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         t0 = time.perf_counter()
         self.model, self.defaults, self.path = load(model, self.device, self.dtype)
+        self.lora = lora
+        if lora is not None:  # a LoRA adapter from `dgemma train --mode lora`, merged into the weights once
+            from dgemma.train.lora import load_adapter
+
+            load_adapter(self.model, lora, merge_now=True)
         self.load_seconds = time.perf_counter() - t0
         self.is_default_model = Path(self.path).resolve() == DEFAULT_MODEL_DIR.resolve()
         self.tokenizer = Tokenizer.from_dir(self.path) if (Path(self.path) / "tokenizer.json").is_file() else None
@@ -194,7 +203,7 @@ class LLM:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         resolved = params.resolve(self.defaults)
         ids = [self.encode_prompt(p, chat, enable_thinking) for p in prompts]
-        return generate(self.model, ids, resolved, drafts=drafts)
+        return generate(self.model, ids, resolved, drafts=drafts, fast=self.fast)
 
     def generate(self, prompts, params: SamplingParams | None = None, *, chat: bool = False,
                  enable_thinking: bool = False, images=None) -> list[RequestOutput]:

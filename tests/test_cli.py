@@ -1,4 +1,4 @@
-"""`dgemma` CLI on CPU with the bundled random-weight model: outputs, determinism, and clean errors.
+"""`dgemma` CLI on CPU with the bundled demo model: outputs, determinism, and clean errors.
 
 Most tests call `dgemma.cli.main.main([...])` in-process, with the model loaded once per module (the loader is
 swapped for a cache); one test runs `python -m dgemma.cli` in a subprocess to check the real entry point.
@@ -27,10 +27,10 @@ def llm_cache():
 
     cache = {}
 
-    def load(model=None, device=None, dtype=None):
-        if (model, device, dtype) not in cache:
-            cache[model, device, dtype] = LLM(model, device=device, dtype=dtype)
-        return cache[model, device, dtype]
+    def load(model=None, device=None, dtype=None, lora=None):
+        if (model, device, dtype, lora) not in cache:
+            cache[model, device, dtype, lora] = LLM(model, device=device, dtype=dtype, lora=lora)
+        return cache[model, device, dtype, lora]
 
     return load
 
@@ -65,7 +65,7 @@ def test_json_output_and_same_seed_same_output(cli):
     assert 0 < len(result["token_ids"]) <= 16 and all(isinstance(t, int) for t in result["token_ids"])
     assert result["stats"]["new_tokens"] == len(result["token_ids"])
     assert result["params"]["max_denoising_steps"] == 4 and result["device"] == "cpu"
-    assert "random weights" in result["note"] and "random weights" in err
+    assert "demo model" in result["note"] and "demo model" in err
     assert "new tokens" in err and "tokens/s" in err  # the stats line
     assert json.loads(cli("run", "hello", "--json", *FAST)[1])["token_ids"] == result["token_ids"]
 

@@ -27,7 +27,8 @@ from dgemma.api import LLM, SamplingParams, resolve_device, resolve_dtype
 from dgemma.cli.view import CommittedText, LiveView
 from dgemma.engine.generate import CanvasEvent, Event, FinishedEvent, GenerationStats
 
-DEMO_NOTE = "bundled demo model with random weights: its output is noise (pass --model for a real checkpoint)"
+DEMO_NOTE = ("bundled tiny demo model (5.3 M parameters, trained on fortune-cookie quotes): expect fortunes, "
+             "not answers (pass --model for a real checkpoint)")
 _GEN = "default: the checkpoint's generation_config.json"
 
 
@@ -73,7 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt; read from stdin when omitted or '-'")
     p.add_argument("--model", default=None, metavar="DIR_OR_ID",
                    help="checkpoint directory or Hugging Face hub id (owner/name), e.g. "
-                   "google/diffusiongemma-26B-A4B-it; default: the bundled tiny demo model (random weights)")
+                   "google/diffusiongemma-26B-A4B-it; default: the bundled tiny demo model (trained on fortunes)")
+    p.add_argument("--lora", default=None, metavar="PATH",
+                   help="a LoRA adapter directory (from `dgemma train --mode lora`), merged into --model at load")
     _add_sampling(p.add_argument_group("sampling (each defaults to the checkpoint's generation_config.json)"))
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--chat", dest="chat", action="store_true", default=True,
@@ -116,7 +119,7 @@ def _add_sampling(g) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     prompt = _read_prompt(args)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, lora=args.lora)
     if llm.is_default_model:
         print(f"dgemma: note: {DEMO_NOTE}", file=sys.stderr, flush=True)
     params = SamplingParams(**{k: getattr(args, k) for k in SamplingParams().to_dict()})

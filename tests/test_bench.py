@@ -1,0 +1,33 @@
+"""`dgemma bench` on the CPU with the tiny random shape: the result files carry every required field."""
+
+import json
+
+from dgemma.cli.main import main
+
+REQUIRED = {"gpu", "torch", "precision", "shape", "batch", "prompt_len", "steps", "ms_per_step", "floor_ms_per_step",
+            "ms_per_commit", "ttft_ms", "tok_s_excl_prefill", "tok_s_incl_prefill", "peak_mem_gb", "command",
+            "commit", "path"}
+
+
+def test_bench_writes_json_and_markdown(tmp_path):
+    rc = main(["bench", "--random-weights", "--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--steps", "2",
+               "--prompt-len", "16", "--batch", "1", "2", "--reference", "--reps", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    [json_file] = tmp_path.glob("bench-*.json")
+    rows = json.loads(json_file.read_text())
+    assert len(rows) == 4 and {r["path"] for r in rows} == {"fast", "reference"}
+    for r in rows:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["ms_per_step"] > 0 and r["floor_ms_per_step"] > 0 and r["tok_s_excl_prefill"] > 0
+        assert r["command"].startswith("dgemma bench ")
+    md = next(tmp_path.glob("bench-*.md")).read_text()
+    assert "| ms_per_step |" in md and md.count("| fast |") == 2
+
+
+def test_bench_rejects_bad_values(capsys):
+    try:
+        rc = main(["bench", "--random-weights", "--shape", "huge"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
