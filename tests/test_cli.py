@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -146,8 +147,10 @@ def test_help_version_and_no_command(cli):
 
 def test_subprocess_entry_point_matches_in_process(cli):
     in_process = json.loads(cli("run", "hello", "--json", *FAST)[1])
+    # Same thread count as this process: CPU float sums (and so sampled tokens) depend on it.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-m", "dgemma.cli.main", "run", "--json", *FAST], input="hello",
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert json.loads(proc.stdout)["token_ids"] == in_process["token_ids"]
