@@ -139,6 +139,42 @@ def measure(model: DiffusionGemma, cfg: Config, device: str, reps: int = 10) -> 
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None}
 
 
+def measure_ar(model: DiffusionGemma, prompt_len: int, device: str, tokens: int = 64) -> dict:
+    """Greedy autoregressive decoding through the causal encoder, one token per forward, batch 1: the same weights
+    as the diffusion path, so the two speeds compare on one engine. On CUDA (bf16/fp16) the token step (encoder
+    pass + LM head + argmax + position increment) is one CUDA graph."""
+    args, dtype, L = model.args, model.embed_tokens.weight.dtype, prompt_len
+    cache = KVCache(args, 1, L + tokens + 8, device, dtype, scratch=1)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+    @torch.inference_mode()
+    def step():
+        logits = model.lm_head(model.encode_static(tok, pos, cache)[:, -1])
+        tok.copy_(logits.argmax(dim=-1, keepdim=True))
+        pos.add_(1)
+    graph = None
+    if device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for p in cache.pos:  # the warm-up wrote junk slots
+            p.fill_(-1)
+    with torch.inference_mode():
+        ids = torch.randint(3, args.vocab_size, (1, L), device=device)
+        model.encode(ids, torch.arange(L, device=device)[None], cache)
+    cache.advance(L)
+    pos.fill_(L)
+    ms = time_ms(graph.replay if graph is not None else step, device, reps=tokens - 4, warmup=2)
+    return {"batch": 1, "prompt_len": L, "steps": None, "path": "ar (greedy, encoder)", "ms_per_token": ms,
+            "ar_tok_s": 1e3 / ms}
+
+
 def environment(device: str) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -155,7 +191,7 @@ def write_results(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Pat
     json_path.write_text(json.dumps(rows, indent=2) + "\n")
     cols = ["gpu", "precision", "shape", "path", "batch", "prompt_len", "steps", "ms_per_step", "floor_ms_per_step",
             "ms_per_commit", "ttft_ms", "tok_s_excl_prefill", "tok_s_incl_prefill", "transformers_ms_per_step",
-            "peak_mem_gb"]
+            "peak_mem_gb", "ar_tok_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")

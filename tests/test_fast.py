@@ -136,3 +136,24 @@ def test_static_commit_pass_writes_the_same_cache(tiny_ckpt, name, prompt_len):
         (k1, v1, p1), (k2, v2, p2) = ref.read(layer), fast.read(layer)
         assert torch.equal(p1, p2)
         assert (k1 - k2).abs().max() <= 1e-4 and (v1 - v2).abs().max() <= 1e-4
+
+
+def test_static_encoder_decodes_autoregressively_like_encode(tiny_ckpt):
+    """The `bench --ar` path (one token per encode_static) makes the same greedy tokens as `encode`."""
+    llm = LLM(tiny_ckpt("b"), device="cpu")
+    model, args, L = llm.model, llm.args, 20
+    prompt = torch.randint(3, args.vocab_size, (1, L), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for static in (False, True):
+        cache = KVCache(args, 1, L + 16, "cpu", torch.float32, scratch=1)
+        with torch.no_grad():
+            h = model.encode(prompt, torch.arange(L)[None], cache)
+            cache.advance(L)
+            tokens = [int(model.lm_head(h[:, -1]).argmax())]
+            for i in range(10):
+                tok, pos = torch.tensor([[tokens[-1]]]), torch.tensor([[L + i]])
+                h = model.encode_static(tok, pos, cache) if static else model.encode(tok, pos, cache)
+                cache.advance(1)
+                tokens.append(int(model.lm_head(h[:, -1]).argmax()))
+        outs.append(tokens)
+    assert outs[0] == outs[1]

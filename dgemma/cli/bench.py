@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", action="store_true", help="also time the reference (eager) step")
     p.add_argument("--compare", choices=["transformers"], default=None,
                    help="also time transformers 5.23.0's eager denoising step on the same weights")
+    p.add_argument("--ar", action="store_true",
+                   help="also time greedy autoregressive decoding through the causal encoder (batch 1, CUDA graph)")
     p.add_argument("--compile", action="store_true",
                    help="fuse norms and sampler passes with torch.compile (experimental; sets DGEMMA_COMPILE=1)")
     p.add_argument("--reps", type=_positive, default=10, help="timed repetitions per measurement (default 10)")
@@ -77,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
                         row["transformers_path"] = "eager, DynamicCache (torch.compile path not measured yet)"
                     rows.append(row)
                     _print_row(row)
+    if args.ar:
+        for L in args.prompt_len:
+            row = common | bm.measure_ar(model, L, device)
+            rows.append(row)
+            print(f"AR  L={L:<6} {row['ms_per_token']:.2f} ms/token · {row['ar_tok_s']:.0f} tok/s (batch 1)",
+                  flush=True)
     stem = f"bench-{env['gpu'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     json_path, md_path = bm.write_results(rows, Path(args.out), stem)
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
