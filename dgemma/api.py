@@ -193,6 +193,27 @@ class LLM:
 
     def stream_batch(self, prompts, params: SamplingParams | None = None, *, chat: bool = False,
                      enable_thinking: bool = False, images=None, drafts: bool = True) -> Iterator[Event]:
+        ids, resolved = self._prepare(prompts, params, chat, enable_thinking, images)
+        return generate(self.model, ids, resolved, drafts=drafts, fast=self.fast)
+
+    def generate(self, prompts, params: SamplingParams | None = None, *, chat: bool = False,
+                 enable_thinking: bool = False, images=None) -> list[RequestOutput]:
+        """Generate for a batch of prompts (list[str] or list[list[int]]; a single str is accepted too)."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+        ids, resolved = self._prepare(prompts, params, chat, enable_thinking, images)
+        final = None
+        for event in generate(self.model, ids, resolved, drafts=False, fast=self.fast):
+            if isinstance(event, FinishedEvent):
+                final = event
+        assert final is not None
+        return [self._output(ids[i], o.token_ids, o.finish_reason, o.stats, final.stats)
+                for i, o in enumerate(final.outputs)]
+
+    def _prepare(self, prompts, params, chat: bool, enable_thinking: bool, images):
+        """Validate the request: token-id prompts and resolved DiffusionParams (ValueError/TypeError if bad)."""
         if images is not None:
             raise ValueError("image input is not supported yet (the vision tower is not implemented)")
         if params is None:
@@ -202,26 +223,7 @@ class LLM:
         elif not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         resolved = params.resolve(self.defaults)
-        ids = [self.encode_prompt(p, chat, enable_thinking) for p in prompts]
-        return generate(self.model, ids, resolved, drafts=drafts, fast=self.fast)
-
-    def generate(self, prompts, params: SamplingParams | None = None, *, chat: bool = False,
-                 enable_thinking: bool = False, images=None) -> list[RequestOutput]:
-        """Generate for a batch of prompts (list[str] or list[list[int]]; a single str is accepted too)."""
-        if images is not None:
-            raise ValueError("image input is not supported yet (the vision tower is not implemented)")
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
-        ids = [self.encode_prompt(p, chat, enable_thinking) for p in prompts]
-        final = None
-        for event in self.stream_batch(ids, params, drafts=False):
-            if isinstance(event, FinishedEvent):
-                final = event
-        assert final is not None
-        return [self._output(ids[i], o.token_ids, o.finish_reason, o.stats, final.stats)
-                for i, o in enumerate(final.outputs)]
+        return [self.encode_prompt(p, chat, enable_thinking) for p in prompts], resolved
 
     def _output(self, prompt_ids, token_ids, reason, seq: SequenceStats, batch_stats) -> RequestOutput:
         text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""

@@ -23,7 +23,7 @@ import torch
 
 from dgemma.config import DiffusionParams, ModelArgs
 from dgemma.engine.cache import KVCache
-from dgemma.engine.fast import StaticStepper
+from dgemma.engine.fast import StaticStepper, capture_graph
 from dgemma.engine.generate import ReferenceStepper
 from dgemma.models.diffusion_gemma import DiffusionGemma
 
@@ -155,16 +155,8 @@ def measure_ar(model: DiffusionGemma, prompt_len: int, device: str, tokens: int 
         pos.add_(1)
     graph = None
     if device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        for p in cache.pos:  # the warm-up wrote junk slots
-            p.fill_(-1)
+        graph = capture_graph(step)
+        cache.clear()  # the warm-up wrote junk slots
     with torch.inference_mode():
         ids = torch.randint(3, args.vocab_size, (1, L), device=device)
         model.encode(ids, torch.arange(L, device=device)[None], cache)

@@ -36,12 +36,19 @@ def hf_twin(model):
                     src = torch.zeros(t.shape, device=device, dtype=model.embed_tokens.weight.dtype)  # vision stub
                 getattr(module, kind)[name] = torch.nn.Parameter(src, requires_grad=False) if kind == "_parameters" \
                     else src
+    refresh_buffers(hf, device)
+    return hf.eval()
+
+
+def refresh_buffers(hf, device, rope_device: str = "cpu") -> None:
+    """Recompute a meta-built transformers model's non-persistent buffers (RoPE tables, embedding scales) on
+    `rope_device` and move them to `device`. `from_pretrained` computes RoPE tables on the CPU, like dgemma; on
+    the GPU pow() differs by an ulp, which a random MoE amplifies (see README, Correctness)."""
     for module in hf.modules():
         if module.__class__.__name__.endswith("TextRotaryEmbedding"):
             for layer_type, fn in module.rope_init_fns.items():
-                inv, _ = fn(module.config.per_layer_config[layer_type], "cpu", layer_type=layer_type)
+                inv, _ = fn(module.config.per_layer_config[layer_type], rope_device, layer_type=layer_type)
                 setattr(module, f"{layer_type}_inv_freq", inv.to(device))
                 setattr(module, f"{layer_type}_original_inv_freq", inv.to(device))
         if module.__class__.__name__.endswith("ScaledWordEmbedding"):
             module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
-    return hf.eval()

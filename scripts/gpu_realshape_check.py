@@ -20,6 +20,7 @@ from dgemma.config import ModelArgs
 from dgemma.engine.cache import KVCache
 from dgemma.loader import checkpoint_name, map_name
 from dgemma.models.diffusion_gemma import DiffusionGemma
+from dgemma.reference import refresh_buffers
 
 TEXT = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704, num_experts=128,
             top_k_experts=8, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
@@ -55,17 +56,7 @@ def build_hf(device: str, dtype: torch.dtype, seed: int, rope_device: str = "cpu
         for bname, b in list(module._buffers.items()):
             if b is not None and b.is_meta:
                 module._buffers[bname] = init_tensor(f"{mod_name}.{bname}", b.shape, device, dtype, g)
-    for module in model.modules():  # non-persistent buffers: recompute as transformers' _init_weights does
-        if module.__class__.__name__.endswith("TextRotaryEmbedding"):
-            for layer_type, fn in module.rope_init_fns.items():
-                # Computed on the CPU like a model built on the CPU; `--rope-device cuda` computes it on the GPU,
-                # where pow() may differ from the CPU's by an ulp (which then moves bf16 cos/sin at long positions).
-                inv, _ = fn(module.config.per_layer_config[layer_type], rope_device, layer_type=layer_type)
-                inv = inv.to(device)
-                setattr(module, f"{layer_type}_inv_freq", inv)
-                setattr(module, f"{layer_type}_original_inv_freq", inv.clone())
-        if module.__class__.__name__.endswith("ScaledWordEmbedding"):
-            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
+    refresh_buffers(model, device, rope_device)  # non-persistent buffers, as transformers' _init_weights does
     return model.eval(), len(seen)
 
 

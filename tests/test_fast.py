@@ -62,6 +62,15 @@ class TableModel(torch.nn.Module):
         return self.soft_embed(probs, dtype)
 
 
+def step_trace(stepper, steps: int, state: str) -> list[tuple[torch.Tensor, ...]]:
+    """Run `steps` denoising steps; per step, copies of (argmax, accepted, done, stepper.<state>)."""
+    trace = []
+    for cur in range(steps, 0, -1):
+        argmax, accepted, done = stepper.step(cur)
+        trace.append((argmax.clone(), accepted.clone(), done.clone(), getattr(stepper, state).clone()))
+    return trace
+
+
 @pytest.mark.parametrize("stability", [0, 1, 2])
 def test_static_sampler_makes_identical_decisions(stability):
     """Same logits and the same random stream → the same canvas, draft, accept mask and stop at every step."""
@@ -76,11 +85,7 @@ def test_static_sampler_makes_identical_decisions(stability):
         torch.manual_seed(11)
         stepper = cls(model, cache, params, B)
         stepper.start_canvas(dpos)
-        trace = []
-        for cur in range(params.max_denoising_steps, 0, -1):
-            argmax, accepted, done = stepper.step(cur)
-            trace.append((argmax.clone(), accepted.clone(), done.clone(), stepper.canvas.clone()))
-        runs.append(trace)
+        runs.append(step_trace(stepper, params.max_denoising_steps, "canvas"))
     for ref, fast in zip(*runs):
         for a, b in zip(ref, fast):
             assert torch.equal(a, b)

@@ -82,6 +82,8 @@ def test_cuda_bf16_generate_runs(tiny_ckpt):
 
 def test_cuda_graph_replay_equals_eager_static_step(tiny_ckpt):
     """The captured step and the same step run eagerly make the same draws and decisions (bf16)."""
+    from test_fast import step_trace
+
     from dgemma.config import DiffusionParams
     from dgemma.engine.fast import StaticStepper
 
@@ -97,11 +99,7 @@ def test_cuda_graph_replay_equals_eager_static_step(tiny_ckpt):
         llm.model.encode(ids, torch.arange(L, device="cuda").expand(B, -1), cache)
         cache.advance(L)
         stepper.start_canvas(torch.arange(L, L + C, device="cuda")[None])
-        trace = []
-        for cur in range(8, 0, -1):
-            argmax, accepted, done = stepper.step(cur)
-            trace.append((argmax.clone(), accepted.clone(), done.clone(), stepper.soft.clone()))
-        traces.append(trace)
+        traces.append(step_trace(stepper, 8, "soft"))
     for graphed, eager in zip(*traces):
         for a, b in zip(graphed, eager):
             assert torch.equal(a, b)

@@ -52,18 +52,24 @@ class KVCache:
         order = torch.remainder(torch.arange(cap, device=self.pos[layer].device) + self.length, cap)
         return self.k[layer][:, :, order], self.v[layer][:, :, order], self.pos[layer][:, order]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+              valid: torch.Tensor | None = None) -> None:
         """Store new K/V [B, Hkv, T, D] for positions pos [B, T] (all rows share positions; `valid` False marks
-        padding). Only the last `capacity` positions are kept."""
+        padding, None = no padding). Only the last `capacity` positions are kept. No host sync (graph-safe); the
+        caller checks positions against `max_len` (`DiffusionGemma.encode`)."""
         cap, T = self.capacity[layer], k.shape[2]
-        if pos.shape[1] and int(pos[:, -1].max()) >= self.max_len:
-            raise ValueError(f"KV cache is full: position {int(pos[:, -1].max())} >= max_len {self.max_len}")
         keep = min(T, cap)
-        k, v, pos, valid = k[:, :, -keep:], v[:, :, -keep:], pos[:, -keep:], valid[:, -keep:]
+        k, v, pos = k[:, :, -keep:], v[:, :, -keep:], pos[:, -keep:]
         slots = pos[0] % cap  # [keep], distinct because positions are consecutive
         self.k[layer][:, :, slots] = k
         self.v[layer][:, :, slots] = v
-        self.pos[layer][:, slots] = torch.where(valid, pos, -1)
+        self.pos[layer][:, slots] = pos if valid is None else torch.where(valid[:, -keep:], pos, -1)
+
+    def clear(self) -> None:
+        """Forget every stored position (slots become empty; K/V contents are left as they are)."""
+        self.length = 0
+        for pos in self.pos:
+            pos.fill_(-1)
 
     def advance(self, n: int) -> None:
         self.length += n

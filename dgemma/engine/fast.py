@@ -39,6 +39,20 @@ def scores(processed: torch.Tensor, race: torch.Tensor, sc_dtype: torch.dtype):
 SAMPLER = {"scores": scores}
 
 
+def capture_graph(fn, pool=None) -> torch.cuda.CUDAGraph:
+    """Warm `fn` up twice on a side stream (allocator, cuBLAS workspaces, torch.compile), then capture it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
+
+
 def use_compiled_sampler(enabled: bool = True) -> None:
     """Opt-in (DGEMMA_COMPILE=1): fuse the passes over the [rows, C, V] fp32 scores with torch.compile."""
     SAMPLER["scores"] = torch.compile(scores, dynamic=False) if enabled else scores
@@ -58,7 +72,7 @@ class StaticStepper:
         self.accepted = torch.zeros(B, C, dtype=torch.bool, device=dev)
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self.soft = torch.zeros(B, C, args.hidden_size, dtype=dtype, device=dev)
-        self.history = torch.full((max(params.stability_threshold, 1), B, C), -1, dtype=torch.long, device=dev)
+        self.stop = S.StopState(params.stability_threshold, params.confidence_threshold, (B, C), dev)
         self.dpos = torch.zeros(1, C, dtype=torch.long, device=dev)
         self.cur_step = torch.zeros((), dtype=torch.int32, device=dev)
         self.enc_ids = torch.zeros(B, C, dtype=torch.long, device=dev)  # committed canvas → encoder (commit pass)
@@ -84,7 +98,7 @@ class StaticStepper:
         self.argmax.copy_(self.canvas)
         self.soft.zero_()
         self.done.zero_()
-        self.history.fill_(-1)
+        self.stop.reset()
 
     def commit(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
         """Encode a committed canvas ids/pos [B, C] into the cache (static shapes; replayed graph on GPU)."""
@@ -109,7 +123,7 @@ class StaticStepper:
     def _step(self) -> None:
         p, model = self.params, self.model
         logits = model.denoise_static(self.canvas, self.dpos, self.cache, self.soft)  # [B, C, V] fp32
-        temp = p.t_min + (p.t_max - p.t_min) * (self.cur_step / p.max_denoising_steps)
+        temp = S.temperature(self.cur_step, p.max_denoising_steps, p.t_min, p.t_max, logits.device)
         B = logits.shape[0]
         sampled, new_argmax, accepted, soft, confident = [], [], [], [], []
         for r in range(0, B, self.sample_rows):  # all exponential draws precede the renoise draw, as upstream
@@ -119,7 +133,7 @@ class StaticStepper:
             sampled.append(sample)
             new_argmax.append(amax)
             accepted.append(S.accept_mask(h, p.entropy_bound))
-            confident.append(h.mean(dim=-1) < p.confidence_threshold)
+            confident.append(self.stop.confident(h))
             soft.append(model.soft_from_probs(probs, self.soft.dtype))
         accepted_t = torch.cat(accepted)
         new_canvas = torch.where(accepted_t, torch.cat(sampled), self.canvas)
@@ -127,38 +141,19 @@ class StaticStepper:
         new_canvas = torch.where(~accepted_t, noise, new_canvas)
         done = self.done[:, None]
         new_argmax_t = torch.where(done, self.argmax, torch.cat(new_argmax))
-        stop = self._stable(new_argmax_t) & torch.cat(confident)
+        stop = self.stop.stable(new_argmax_t) & torch.cat(confident)
         self.canvas.copy_(torch.where(done, self.canvas, new_canvas))
         self.argmax.copy_(new_argmax_t)
         self.soft.copy_(torch.where(done[..., None], self.soft, torch.cat(soft)))
         self.accepted.copy_(accepted_t)
         self.done.copy_(self.done | stop)
 
-    def _stable(self, argmax: torch.Tensor) -> torch.Tensor:
-        """Stability half of the adaptive stop, on a fixed-size history (rows already done stay done anyway)."""
-        if self.params.stability_threshold == 0:
-            return torch.ones_like(self.done)
-        stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
-        self.history.copy_(torch.roll(self.history, shifts=-1, dims=0))
-        self.history[-1].copy_(argmax)
-        return stable
-
     def _capture(self) -> None:
-        """Warm up on a side stream (allocator, cuBLAS workspaces), then capture one step and one commit pass.
-        Runs before the prefill: the warm-up commits write junk slots, so slot positions are reset afterwards."""
+        """Capture one step and one commit pass. Runs before the prefill: the warm-up commits write junk slots,
+        so the cache is cleared afterwards."""
         self.enc_pos.copy_(torch.arange(self.enc_pos.shape[1], device=self.enc_pos.device).expand_as(self.enc_pos))
-        encode = torch.inference_mode()(lambda: self.model.encode_static(self.enc_ids, self.enc_pos, self.cache))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-                encode()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph, self.commit_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
-        with torch.cuda.graph(self.commit_graph, pool=self.graph.pool()):
-            encode()
-        for pos in self.cache.pos:
-            pos.fill_(-1)
+        self.graph = capture_graph(self._step)
+        self.commit_graph = capture_graph(
+            torch.inference_mode()(lambda: self.model.encode_static(self.enc_ids, self.enc_pos, self.cache)),
+            pool=self.graph.pool())
+        self.cache.clear()

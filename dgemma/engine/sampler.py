@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 
 
-def temperature(cur_step: int, steps: int, t_min: float, t_max: float, device: torch.device) -> torch.Tensor:
-    """Linear schedule over the *remaining* steps (cur_step counts down N..1), as an fp32 scalar tensor."""
-    cur = torch.tensor(cur_step, device=device, dtype=torch.int32)
+def temperature(cur_step: int | torch.Tensor, steps: int, t_min: float, t_max: float,
+                device: torch.device) -> torch.Tensor:
+    """Linear schedule over the *remaining* steps (cur_step counts down N..1), as an fp32 scalar tensor.
+    `cur_step` may be an int32 device scalar (the CUDA-graph step updates it in place)."""
+    cur = cur_step if torch.is_tensor(cur_step) else torch.tensor(cur_step, device=device, dtype=torch.int32)
     return t_min + (t_max - t_min) * (cur / steps)
 
 
@@ -37,24 +39,38 @@ def accept_mask(token_entropy: torch.Tensor, entropy_bound: float) -> torch.Tens
 
 
 class StopState:
-    """Adaptive stop per row: the argmax canvas unchanged for `stability` steps and mean entropy < `confidence`."""
+    """Adaptive stop per row: the argmax canvas unchanged for `stability` steps and mean entropy < `confidence`.
+    The history is updated in place, so its address stays fixed (the CUDA-graph step captures it)."""
 
-    def __init__(self, stability: int, confidence: float):
+    def __init__(self, stability: int, confidence: float, shape: tuple[int, int] | None = None, device=None):
         self.stability, self.confidence = stability, confidence
-        self.history: torch.Tensor | None = None  # [stability, B, C] last argmax canvases, -1 = none yet
+        # [stability, B, C] last argmax canvases, -1 = none yet; allocated now if the shape [B, C] is given
+        # (the CUDA-graph step needs a plain tensor made outside inference mode), else on first use.
+        self.history: torch.Tensor | None = None
+        if shape is not None and stability > 0:
+            self.history = torch.full((stability, *shape), -1, dtype=torch.long, device=device)
+
+    def reset(self) -> None:
+        if self.history is not None:
+            self.history.fill_(-1)
+
+    def stable(self, argmax_canvas: torch.Tensor) -> torch.Tensor:
+        """[B] bool: this argmax canvas equals each of the last `stability` ones (records it)."""
+        if self.stability == 0:
+            return torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
+        if self.history is None:
+            self.history = torch.full((self.stability, *argmax_canvas.shape), -1, dtype=argmax_canvas.dtype,
+                                      device=argmax_canvas.device)
+        stable = (self.history == argmax_canvas[None]).all(dim=-1).all(dim=0)
+        self.history.copy_(torch.roll(self.history, shifts=-1, dims=0))
+        self.history[-1].copy_(argmax_canvas)
+        return stable
+
+    def confident(self, token_entropy: torch.Tensor) -> torch.Tensor:
+        return token_entropy.mean(dim=-1) < self.confidence
 
     def __call__(self, argmax_canvas: torch.Tensor, processed_logits: torch.Tensor) -> torch.Tensor:
-        if self.stability == 0:
-            stable = torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
-        else:
-            if self.history is None:
-                self.history = torch.full((self.stability, *argmax_canvas.shape), -1, dtype=argmax_canvas.dtype,
-                                          device=argmax_canvas.device)
-            stable = (self.history == argmax_canvas[None]).all(dim=-1).all(dim=0)
-            self.history = torch.roll(self.history, shifts=-1, dims=0)
-            self.history[-1] = argmax_canvas
-        confident = entropy(processed_logits).mean(dim=-1) < self.confidence
-        return stable & confident
+        return self.stable(argmax_canvas) & self.confident(entropy(processed_logits))
 
 
 def eos_pad_mask(canvas: torch.Tensor, eos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,11 +147,7 @@ class Attention(nn.Module):
             # Plain causal prefill (no cache, no padding, inside the window): no mask, a causal kernel.
             out = self.attend(q, k, v, None, causal=True, encoder=True)
         else:
-            keys_pos = torch.cat([cpos, torch.where(valid, pos, -1)], dim=1)  # [B, S + T]
-            qp, kp = pos[:, :, None], keys_pos[:, None, :]  # [B, T, 1], [B, 1, S + T]
-            mask = (kp >= 0) & (kp <= qp)
-            if self.sliding:
-                mask &= kp > qp - self.window  # window of `sliding_window` keys including the query itself
+            mask = self.prefix_mask(torch.cat([cpos, torch.where(valid, pos, -1)], dim=1), pos)  # [B, T, S + T]
             # A left-pad query sees no valid key; let it see itself so no row is fully masked (output unused).
             eye = torch.zeros_like(mask)
             eye[:, :, -T:] = torch.eye(T, dtype=torch.bool, device=x.device)
@@ -171,6 +167,14 @@ class Attention(nn.Module):
         keys_ok = torch.cat([cpos >= 0, torch.ones(B, T, dtype=torch.bool, device=x.device)], dim=1)
         return self.attend(q, keys, values, keys_ok[:, None, None, :].expand(B, 1, T, keys_ok.shape[1]))
 
+    def prefix_mask(self, key_pos: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Causal (and, on sliding layers, windowed) visibility [B, T, S] of keys at key_pos [B, S] (-1 = none)
+        for queries at pos [B, T]: the window holds `sliding_window` keys including the query itself."""
+        qp, kp = pos[:, :, None], key_pos[:, None, :]
+        mask = (kp >= 0) & (kp <= qp)
+        if self.sliding:
+            mask &= kp > qp - self.window
+        return mask
 
     def forward_encoder_static(self, x, cos, sin, cache: KVCache, pos: torch.Tensor):
         """Static-shape encoder attention for a committed canvas (no padding; CUDA-graph safe): new K/V go to the
@@ -181,17 +185,9 @@ class Attention(nn.Module):
         ck, cv = cache.k[layer], cache.v[layer]
         ck[:, :, cap:cap + T] = k
         cv[:, :, cap:cap + T] = v
-        kp = torch.cat([cache.pos[layer], pos], dim=1)[:, None, :]  # [B, 1, cap + T]
-        qp = pos[:, :, None]  # [B, T, 1]
-        mask = (kp >= 0) & (kp <= qp)
-        if self.sliding:
-            mask &= kp > qp - self.window
+        mask = self.prefix_mask(torch.cat([cache.pos[layer], pos], dim=1), pos)  # [B, T, cap + T]
         out = self.attend(q, ck[:, :, :cap + T], cv[:, :, :cap + T], mask[:, None], encoder=True)
-        keep = min(T, cap)  # store the new K/V (a ring keeps only the last `cap` positions)
-        slots = pos[0, -keep:] % cap
-        ck[:, :, slots] = k[:, :, -keep:]
-        cv[:, :, slots] = v[:, :, -keep:]
-        cache.pos[layer][:, slots] = pos[:, -keep:]
+        cache.write(layer, k, v, pos)
         return out
 
     def forward_decoder_static(self, x, cos, sin, cache: KVCache):
@@ -411,6 +407,8 @@ class DiffusionGemma(nn.Module):
             valid = torch.ones_like(ids, dtype=torch.bool)
         if (ids >= self.args.vocab_size).any() or (ids < 0).any():
             raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}) for this model")
+        if pos.numel() and int(pos.max()) >= cache.max_len:
+            raise ValueError(f"KV cache is full: position {int(pos.max())} >= max_len {cache.max_len}")
         return self.run_layers(self.embed(ids), pos, cache, True, valid)
 
     def encode_static(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -112,7 +112,7 @@ class TrainCache(KVCache):
     """KVCache that casts what it stores to its own dtype: under autocast K and V arrive in mixed precisions
     (bf16 from the projections, fp32 after RoPE), and an index write needs one dtype."""
 
-    def write(self, layer, k, v, pos, valid) -> None:
+    def write(self, layer, k, v, pos, valid=None) -> None:
         super().write(layer, k.to(self.k[layer].dtype), v.to(self.v[layer].dtype), pos, valid)
 
 
