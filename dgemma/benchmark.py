@@ -7,7 +7,9 @@ What it measures, per (precision, batch, prompt length, steps):
 - `floor_ms_per_step`: bytes a step must read (every text weight: 256 tokens × top-k touch all experts; the
   embedding twice, as LM head and as self-conditioning table) / copy bandwidth measured in the same run;
 - tokens/s = batch × canvas / (steps × step + commit), with and without the prefill (one canvas per request);
-- `transformers_ms_per_step` (optional): transformers 5.23.0 eager, same weights (aliased, not copied), same prompt.
+- `transformers_ms_per_step` (optional): transformers 5.23.0 on the same weights (aliased, not copied), same prompt
+  and steps, in the same process: its fastest path, `generate` with a static cache and torch.compile (per step =
+  the difference between runs of 2N and N steps, so prefill and set-up cancel out), and its eager step.
 Timings use CUDA events around many repetitions after warm-up. The adaptive stop is off (fixed steps).
 """
 
@@ -165,6 +167,79 @@ def measure_ar(model: DiffusionGemma, prompt_len: int, device: str, tokens: int 
     ms = time_ms(graph.replay if graph is not None else step, device, reps=tokens - 4, warmup=2)
     return {"batch": 1, "prompt_len": L, "steps": None, "path": "ar (greedy, encoder)", "ms_per_token": ms,
             "ar_tok_s": 1e3 / ms}
+
+
+def transformers_eager_step_ms(model: DiffusionGemma, batch: int, prompt_len: int, steps: int, device: str,
+                               reps: int) -> float:
+    """transformers 5.23.0's eager denoising step (decoder forward + its sampler, DynamicCache), same weights."""
+    from transformers.cache_utils import DynamicCache
+
+    from dgemma.reference import hf_twin
+
+    hf, args, C = hf_twin(model), model.args, model.args.canvas_length
+    gc = _hf_generation_config(steps)
+    ids = torch.randint(3, args.vocab_size, (batch, prompt_len), device=device)
+    with torch.inference_mode():
+        cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
+        hf.model.encoder(input_ids=ids, past_key_values=cache)
+        canvas = torch.randint(0, args.vocab_size, (batch, C), device=device)
+        state = {"sc": None}
+        sampler, processors = hf._prepare_sampler(gc), hf._prepare_logits_processor(gc)
+        stopping = hf._prepare_diffusion_stopping_criteria(gc)
+        dpos = torch.arange(prompt_len, prompt_len + C, device=device)[None]
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+        def step():
+            _, _, state["sc"], _ = hf._denoising_step(
+                decoder_forward=hf.forward, current_canvas=canvas, argmax_canvas=canvas, input_ids=ids,
+                decoder_position_ids=dpos, self_conditioning_logits=state["sc"], mask_mapping=None,
+                past_key_values=cache, finished_denoising=done, cur_step=steps, sampler=sampler,
+                logits_processor=processors, diffusion_stopping_criteria=stopping)
+        return time_ms(step, device, reps=reps)
+
+
+def transformers_generate_step_ms(model: DiffusionGemma, batch: int, prompt_len: int, steps: int, device: str,
+                                  compile: bool = True, reps: int = 3) -> dict:
+    """transformers 5.23.0's `generate` on one canvas with `cache_implementation="static"`, which is the path it
+    compiles (encoder after prefill, decoder forward, sampler and stopping criteria with torch.compile
+    mode="reduce-overhead"). The adaptive stop cannot fire, so a run of N steps costs prefill + N steps + set-up;
+    per step = (median time of 2N-step runs - median time of N-step runs) / N. The first run (compilation,
+    CUDA-graph recording) is timed separately as `compile_s`."""
+    from dgemma.reference import hf_twin
+
+    hf, args = hf_twin(model), model.args
+    ids = torch.randint(3, args.vocab_size, (batch, prompt_len), device=device)
+
+    def run(n: int) -> float:
+        gc = _hf_generation_config(n, max_new_tokens=args.canvas_length, cache_implementation="static",
+                                   disable_compile=not compile, pad_token_id=0, eos_token_id=args.eos_ids)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, generation_config=gc)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    compile_s = run(steps)
+    for n in (steps, 2 * steps):  # warm both step counts (their logits processors differ; graphs are shared)
+        run(n)
+    short = sorted(run(steps) for _ in range(reps))[reps // 2]
+    long_ = sorted(run(2 * steps) for _ in range(reps))[reps // 2]
+    path = "generate, StaticCache + torch.compile(mode='reduce-overhead')" if compile else "generate, StaticCache"
+    return {"ms_per_step": (long_ - short) / steps * 1e3, "compile_s": compile_s, "path": path}
+
+
+def _hf_generation_config(steps: int, **kw):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    return DiffusionGemmaGenerationConfig(max_denoising_steps=steps, sampler_config=EntropyBoundSamplerConfig(0.1),
+                                          t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=1e-30,
+                                          **kw)
 
 
 def environment(device: str) -> dict:

@@ -38,8 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=_positive, nargs="+", default=[512], help="prompt lengths (default 512)")
     p.add_argument("--steps", type=_positive, nargs="+", default=[16], help="fixed denoising steps (default 16)")
     p.add_argument("--reference", action="store_true", help="also time the reference (eager) step")
-    p.add_argument("--compare", choices=["transformers"], default=None,
-                   help="also time transformers 5.23.0's eager denoising step on the same weights")
+    p.add_argument("--compare", choices=["transformers", "transformers-eager"], default=None,
+                   help="also time transformers 5.23.0 on the same weights: `transformers` = its fastest path "
+                        "(generate with a static cache + torch.compile, slow to compile at the real shape) and its "
+                        "eager step; `transformers-eager` = the eager step only")
     p.add_argument("--ar", action="store_true",
                    help="also time greedy autoregressive decoding through the causal encoder (batch 1, CUDA graph)")
     p.add_argument("--compile", action="store_true",
@@ -74,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
             for B in args.batch:
                 for fast in [True, False] if args.reference else [True]:
                     row = common | bm.measure(model, bm.Config(B, L, steps, fast), device, args.reps)
-                    if args.compare == "transformers" and fast:
-                        row["transformers_ms_per_step"] = transformers_step_ms(model, B, L, steps, device, args.reps)
-                        row["transformers_path"] = "eager, DynamicCache (torch.compile path not measured yet)"
+                    if args.compare and fast:
+                        row |= _compare(model, B, L, steps, device, args)
+                        row["speedup_vs_transformers"] = row["transformers_ms_per_step"] / row["ms_per_step"]
                     rows.append(row)
                     _print_row(row)
     if args.ar:
@@ -91,44 +93,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(model, B: int, L: int, steps: int, device: str, args) -> dict:
+    from dgemma import benchmark as bm
+
+    out = {"transformers_eager_ms_per_step": bm.transformers_eager_step_ms(model, B, L, steps, device, args.reps)}
+    out["transformers_ms_per_step"] = out["transformers_eager_ms_per_step"]
+    out["transformers_path"] = "eager step, DynamicCache"
+    if args.compare == "transformers":
+        compiled = bm.transformers_generate_step_ms(model, B, L, steps, device, compile=True)
+        out["transformers_compiled_ms_per_step"] = compiled["ms_per_step"]
+        out["transformers_compiled_compile_s"] = compiled["compile_s"]
+        if compiled["ms_per_step"] < out["transformers_ms_per_step"]:
+            out["transformers_ms_per_step"] = compiled["ms_per_step"]
+            out["transformers_path"] = compiled["path"]
+    return out
+
+
 def _print_row(r: dict) -> None:
     ref = f" · transformers {r['transformers_ms_per_step']:.2f} ms" if r.get("transformers_ms_per_step") else ""
     print(f"B={r['batch']:<3} L={r['prompt_len']:<6} S={r['steps']:<3} {r['path']:<9} "
           f"step {r['ms_per_step']:.2f} ms (floor {r['floor_ms_per_step']:.2f}) · commit {r['ms_per_commit']:.2f} ms"
           f" · ttft {r['ttft_ms']:.1f} ms · {r['tok_s_excl_prefill']:.0f} tok/s excl. prefill{ref}", flush=True)
-
-
-def transformers_step_ms(model, batch: int, prompt_len: int, steps: int, device: str, reps: int) -> float:
-    """transformers 5.23.0's eager denoising step (decoder forward + its sampler) on the same weights."""
-    from dgemma.benchmark import time_ms
-    from dgemma.reference import hf_twin
-
-    hf = hf_twin(model)
-    from transformers.cache_utils import DynamicCache
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        DiffusionGemmaGenerationConfig,
-        EntropyBoundSamplerConfig,
-    )
-
-    args, C = model.args, model.args.canvas_length
-    gc = DiffusionGemmaGenerationConfig(max_denoising_steps=steps, sampler_config=EntropyBoundSamplerConfig(0.1),
-                                        t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=1e-30)
-    ids = torch.randint(3, args.vocab_size, (batch, prompt_len), device=device)
-    with torch.inference_mode():
-        cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
-        hf.model.encoder(input_ids=ids, past_key_values=cache)
-        canvas = torch.randint(0, args.vocab_size, (batch, C), device=device)
-        state = {"sc": None}
-        sampler, processors = hf._prepare_sampler(gc), hf._prepare_logits_processor(gc)
-        stopping = hf._prepare_diffusion_stopping_criteria(gc)
-        dpos = torch.arange(prompt_len, prompt_len + C, device=device)[None]
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-
-        def step():
-            _, _, state["sc"], _ = hf._denoising_step(
-                decoder_forward=hf.forward, current_canvas=canvas, argmax_canvas=canvas, input_ids=ids,
-                decoder_position_ids=dpos, self_conditioning_logits=state["sc"], mask_mapping=None,
-                past_key_values=cache, finished_denoising=done, cur_step=steps, sampler=sampler,
-                logits_processor=processors, diffusion_stopping_criteria=stopping)
-        ms = time_ms(step, device, reps=reps)
-    return ms
