@@ -22,6 +22,7 @@ import sys
 # subcommand → (module, one-line help). Later: chat, serve, bench, doctor, quantize, train.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("dgemma.cli.run", "generate text for one prompt, with a live view of the denoising canvas"),
+    "serve": ("dgemma.cli.serve", "an OpenAI-compatible server with batching, draft streaming and a playground"),
     "bench": ("dgemma.cli.bench", "time denoising steps, commits and prefill against the HBM floor (GPU)"),
     "train": ("dgemma.cli.train", "train or fine-tune (full or LoRA) with the block-diffusion objective"),
     "merge-lora": ("dgemma.cli.merge_lora", "merge a LoRA adapter into its base model (official layout)"),
