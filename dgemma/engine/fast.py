@@ -15,11 +15,22 @@ Notable choices:
 - Sampling runs over row chunks (`sample_rows`) to bound the [rows, C, V] fp32 temporaries on GPU; on CPU one
   chunk keeps the random stream identical to the reference.
 - The adaptive stop is evaluated on the device; the loop's `done.all()` is the one host sync per step.
+
+`BatchStepper` is the same step for the scheduler's continuous batch (engine/scheduler.py): rows 0..n-1 of one
+cache, each row at its own positions with its own knobs (steps, temperatures, entropy bound, stop thresholds, all
+device tensors so one graph per batch size serves every mix) and its own random stream. Graphs are captured once
+per batch bucket (1, 2, 4, ... <= max_batch) over row views of the shared buffers; rows beyond the busy ones are
+frozen (done) padding whose cache is never written (the commit pass writes only the rows it is told to).
+Random streams: eager, each row draws from its request's generator and a frozen row draws nothing, so a request's
+draws are exactly those of `generate` at batch 1. In a CUDA graph every row draws every step (the draws are
+captured), from a per-row generator registered with the graphs and reseeded at each canvas start from the
+request's seed and the canvas index: a row's draws then depend only on its own steps, not on its batch mates.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -39,8 +50,9 @@ def scores(processed: torch.Tensor, race: torch.Tensor, sc_dtype: torch.dtype):
 SAMPLER = {"scores": scores}
 
 
-def capture_graph(fn, pool=None) -> torch.cuda.CUDAGraph:
-    """Warm `fn` up twice on a side stream (allocator, cuBLAS workspaces, torch.compile), then capture it."""
+def capture_graph(fn, pool=None, generators=()) -> torch.cuda.CUDAGraph:
+    """Warm `fn` up twice on a side stream (allocator, cuBLAS workspaces, torch.compile), then capture it.
+    `generators`: non-default CUDA generators that `fn` draws from (registered so replays advance them)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -48,6 +60,8 @@ def capture_graph(fn, pool=None) -> torch.cuda.CUDAGraph:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    for gen in generators:  # CUDA-only, untested on CPU machines
+        graph.register_generator_state(gen)
     with torch.cuda.graph(graph, pool=pool):
         fn()
     return graph
@@ -157,3 +171,184 @@ class StaticStepper:
             torch.inference_mode()(lambda: self.model.encode_static(self.enc_ids, self.enc_pos, self.cache)),
             pool=self.graph.pool())
         self.cache.clear()
+
+
+@dataclass
+class RowSpec:
+    """A busy row of the `BatchStepper` at a canvas start."""
+
+    start: int  # position of the canvas's first token (= positions cached in the row)
+    params: DiffusionParams  # the request's knobs
+    generator: torch.Generator | None  # the request's own random stream (eager mode)
+    canvas_seed: int  # graph mode: the row's generator is reseeded with this at the canvas start
+
+
+def default_buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a captured graph: powers of two below max_batch, and max_batch."""
+    return sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch} | {max_batch})
+
+
+class BatchStepper:
+    """The static denoising step over rows 0..n-1 of a shared cache, every row with its own positions, knobs, stop
+    state and random stream (see the module docstring). The scheduler owns which request sits in which row."""
+
+    def __init__(self, model, cache: KVCache, max_batch: int, *, max_stability: int = 8,
+                 use_graph: bool | None = None, buckets: list[int] | None = None):
+        args = model.args
+        dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        assert cache.scratch == args.canvas_length, "the static step needs a cache built with scratch=canvas_length"
+        assert cache.batch >= max_batch
+        self.model, self.cache, self.device = model, cache, dev
+        B, C, self.vocab = max_batch, args.canvas_length, args.vocab_size
+        self.canvas = torch.zeros(B, C, dtype=torch.long, device=dev)
+        self.argmax = torch.zeros_like(self.canvas)
+        self.accepted = torch.zeros(B, C, dtype=torch.bool, device=dev)
+        self.done = torch.ones(B, dtype=torch.bool, device=dev)
+        self.soft = torch.zeros(B, C, args.hidden_size, dtype=dtype, device=dev)
+        self.dpos = torch.zeros(B, C, dtype=torch.long, device=dev)  # each row's canvas positions
+        # Per-row knobs (device tensors: graphs read them at replay). cur counts down N..1 like cur_step.
+        self.cur = torch.ones(B, dtype=torch.int32, device=dev)
+        self.steps = torch.ones(B, dtype=torch.int32, device=dev)
+        self.t_min = torch.full((B,), 0.5, dtype=torch.float32, device=dev)
+        self.t_span = torch.full((B,), 0.5, dtype=torch.float32, device=dev)  # t_max - t_min (rounded once)
+        self.bound = torch.full((B,), 0.1, dtype=torch.float32, device=dev)
+        self.confidence = torch.full((B,), 0.005, dtype=torch.float32, device=dev)
+        self.stability = torch.zeros(B, dtype=torch.long, device=dev)
+        self.max_stability = max_stability
+        self.history = torch.full((max(1, max_stability), B, C), -1, dtype=torch.long, device=dev)
+        self.enc_ids = torch.zeros(B, C, dtype=torch.long, device=dev)
+        self.enc_pos = torch.arange(C, device=dev).repeat(B, 1)
+        self.enc_rows = torch.zeros(B, dtype=torch.bool, device=dev)  # rows whose committed canvas is written
+        self.buckets = sorted(buckets) if buckets else default_buckets(max_batch)
+        assert self.buckets[-1] >= max_batch
+        self.views = {n: cache.view(slice(0, n)) for n in self.buckets}
+        if use_graph is None:  # as StaticStepper: fp32 sdpa's math path is not capturable
+            use_graph = dev.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        self.use_graph = use_graph
+        self.gens: list[torch.Generator | None] = [None] * B  # the generator each row draws from this canvas
+        self.row_gens = [torch.Generator(device=dev) for _ in range(B)] if use_graph else []
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.commit_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if use_graph:
+            self._capture()
+
+    def bucket(self, n: int) -> int:
+        """The smallest captured batch size that holds n rows."""
+        return next(b for b in self.buckets if b >= n)
+
+    # --- per canvas / per step (host side) -------------------------------------------------------------------
+    def start_canvas(self, specs: list[RowSpec]) -> int:
+        """Rows 0..len(specs)-1 start a canvas; the rest of the bucket is frozen padding. Returns the bucket."""
+        n, C, dev = len(specs), self.canvas.shape[1], self.device
+        nb = self.bucket(n)
+        for r, spec in enumerate(specs):
+            gen = spec.generator
+            if self.use_graph:  # the captured draws read this row's generator
+                gen = self.row_gens[r]
+                gen.manual_seed(spec.canvas_seed)
+            self.gens[r] = gen
+            self.canvas[r].copy_(torch.randint(0, self.vocab, (1, C), device=dev, generator=gen)[0])
+        for r in range(n, nb):
+            self.gens[r] = self.row_gens[r] if self.use_graph else None
+        pad = specs[0].params if specs else None
+        ps = [s.params for s in specs] + [pad] * (nb - n)
+        rows = slice(0, nb)
+        self.dpos[rows].copy_(torch.stack([torch.arange(s.start, s.start + C) for s in specs]
+                                          + [torch.arange(C)] * (nb - n)))
+        self.steps[rows].copy_(torch.tensor([p.max_denoising_steps for p in ps], dtype=torch.int32))
+        self.cur[rows].copy_(self.steps[rows])
+        self.t_min[rows].copy_(torch.tensor([p.t_min for p in ps], dtype=torch.float32))
+        self.t_span[rows].copy_(torch.tensor([p.t_max - p.t_min for p in ps], dtype=torch.float32))
+        self.bound[rows].copy_(torch.tensor([p.entropy_bound for p in ps], dtype=torch.float32))
+        self.confidence[rows].copy_(torch.tensor([p.confidence_threshold for p in ps], dtype=torch.float32))
+        self.stability[rows].copy_(torch.tensor([p.stability_threshold for p in ps], dtype=torch.long))
+        self.done[rows].copy_(torch.arange(nb) >= n)
+        self.canvas[n:nb].zero_()
+        self.argmax[rows].copy_(self.canvas[rows])
+        self.soft[rows].zero_()
+        self.history[:, rows].fill_(-1)
+        return nb
+
+    def freeze(self, row: int) -> None:
+        """Stop denoising one row now (a cancelled request); its canvas is left as it is."""
+        self.done[row] = True
+
+    def step(self, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One denoising step of rows 0..nb-1 → (argmax canvas [nb, C], accepted [nb, C], done [nb]) views."""
+        if nb in self.graphs:
+            self.graphs[nb].replay()
+        else:
+            self._step(nb)
+        return self.argmax[:nb], self.accepted[:nb], self.done[:nb]
+
+    def commit(self, nb: int, items: list[tuple[int, torch.Tensor, int]]) -> None:
+        """Encode committed canvases into the cache: items (row, ids [C], start position); other rows of the bucket
+        are computed but not written."""
+        C = self.canvas.shape[1]
+        ids, pos = torch.zeros(nb, C, dtype=torch.long), torch.arange(C).repeat(nb, 1)
+        rows = torch.zeros(nb, dtype=torch.bool)
+        for r, tokens, start in items:
+            ids[r], pos[r], rows[r] = tokens, torch.arange(start, start + C), True
+        self.enc_ids[:nb].copy_(ids)
+        self.enc_pos[:nb].copy_(pos)
+        self.enc_rows[:nb].copy_(rows)
+        if nb in self.commit_graphs:
+            self.commit_graphs[nb].replay()
+        else:
+            self._commit(nb)
+
+    # --- the captured bodies ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _commit(self, nb: int) -> None:
+        self.model.encode_static(self.enc_ids[:nb], self.enc_pos[:nb], self.views[nb], self.enc_rows[:nb])
+
+    @torch.inference_mode()
+    def _step(self, nb: int) -> None:
+        model, C = self.model, self.canvas.shape[1]
+        canvas, argmax, soft, done = self.canvas[:nb], self.argmax[:nb], self.soft[:nb], self.done[:nb]
+        logits = model.denoise_static(canvas, self.dpos[:nb], self.views[nb], soft)  # [nb, C, V] fp32
+        temp = self.t_min[:nb] + self.t_span[:nb] * (self.cur[:nb] / self.steps[:nb])  # as S.temperature, per row
+        # Eager: frozen rows draw nothing (a request's stream is the one it would have alone). Graph: all draw.
+        frozen = [False] * nb if self.use_graph else done.tolist()
+        sampled, new_argmax, accepted, new_soft, confident, noise = [], [], [], [], [], []
+        for r in range(nb):  # one row at a time: its own generator, bounded [1, C, V] temporaries
+            processed = logits[r:r + 1] / temp[r]
+            race = torch.empty_like(processed)
+            if frozen[r]:
+                race.fill_(1.0)
+            else:
+                race.exponential_(generator=self.gens[r])
+            sample, amax, h, probs = SAMPLER["scores"](processed, race, soft.dtype)
+            sampled.append(sample)
+            new_argmax.append(amax)
+            accepted.append(S.accept_mask(h, self.bound[r]))
+            confident.append(h.mean(dim=-1) < self.confidence[r])
+            new_soft.append(model.soft_from_probs(probs, soft.dtype))
+            noise.append(canvas[r:r + 1] if frozen[r] else
+                         torch.randint(0, self.vocab, (1, C), device=self.device, generator=self.gens[r]))
+        accepted_t = torch.cat(accepted)
+        new_canvas = torch.where(accepted_t, torch.cat(sampled), torch.cat(noise))
+        keep = done[:, None]
+        new_argmax_t = torch.where(keep, argmax, torch.cat(new_argmax))
+        stop = S.stable_rows(self.history[:, :nb], new_argmax_t, self.stability[:nb]) & torch.cat(confident)
+        last = self.cur[:nb] <= 1  # the row ran its max_denoising_steps
+        canvas.copy_(torch.where(keep, canvas, new_canvas))
+        argmax.copy_(new_argmax_t)
+        soft.copy_(torch.where(keep[..., None], soft, torch.cat(new_soft)))
+        self.accepted[:nb].copy_(accepted_t)
+        done.copy_(done | stop | last)
+        self.cur[:nb].copy_(torch.clamp(self.cur[:nb] - 1, min=1))
+
+    def _capture(self) -> None:
+        """CUDA only: capture one step and one commit graph per bucket (before any request: the warm-up runs touch
+        only scratch slots, and the commit rows mask is all False)."""
+        self.enc_rows.zero_()
+        self.done.fill_(True)
+        pool = None
+        for nb in self.buckets:
+            gens = self.row_gens[:nb]
+            for r in range(nb):
+                self.gens[r] = self.row_gens[r]
+            self.graphs[nb] = capture_graph(lambda nb=nb: self._step(nb), pool, gens)
+            pool = pool or self.graphs[nb].pool()
+            self.commit_graphs[nb] = capture_graph(lambda nb=nb: self._commit(nb), pool)

@@ -73,6 +73,19 @@ class StopState:
         return self.stable(argmax_canvas) & self.confident(entropy(processed_logits))
 
 
+def stable_rows(history: torch.Tensor, argmax_canvas: torch.Tensor, stability: torch.Tensor) -> torch.Tensor:
+    """`StopState.stable` with a stability per row: [B] bool, this argmax canvas [B, C] equals each of the row's last
+    `stability[b]` canvases in history [S, B, C] (newest last, -1 = none yet, S >= every stability; 0 = always
+    stable). Records the canvas in place."""
+    S_ = history.shape[0]
+    same = (history == argmax_canvas[None]).all(dim=-1)  # [S, B]
+    needed = torch.arange(S_, device=history.device)[:, None] >= S_ - stability[None, :]  # last stability[b] rows
+    stable = (same | ~needed).all(dim=0)
+    history.copy_(torch.roll(history, shifts=-1, dims=0))
+    history[-1].copy_(argmax_canvas)
+    return stable
+
+
 def eos_pad_mask(canvas: torch.Tensor, eos_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For a committed canvas [B, C]: (has_eos [B], after_first_eos [B, C]) — positions to overwrite with pad."""
     is_eos = torch.isin(canvas, eos_ids)

@@ -176,10 +176,10 @@ class Attention(nn.Module):
             mask &= kp > qp - self.window
         return mask
 
-    def forward_encoder_static(self, x, cos, sin, cache: KVCache, pos: torch.Tensor):
+    def forward_encoder_static(self, x, cos, sin, cache: KVCache, pos: torch.Tensor, rows=None):
         """Static-shape encoder attention for a committed canvas (no padding; CUDA-graph safe): new K/V go to the
         scratch slots, the causal/sliding mask comes from slot positions on the device, then the new K/V are
-        stored in their cache slots. Same math as `forward_encoder`."""
+        stored in their cache slots (only rows set in `rows` [B] bool, if given). Same math as `forward_encoder`."""
         q, k, v = self.project(x, cos, sin, encoder=True)
         layer, cap, T = self.layer_idx, cache.capacity[self.layer_idx], x.shape[1]
         ck, cv = cache.k[layer], cache.v[layer]
@@ -187,7 +187,7 @@ class Attention(nn.Module):
         cv[:, :, cap:cap + T] = v
         mask = self.prefix_mask(torch.cat([cache.pos[layer], pos], dim=1), pos)  # [B, T, cap + T]
         out = self.attend(q, ck[:, :, :cap + T], cv[:, :, :cap + T], mask[:, None], encoder=True)
-        cache.write(layer, k, v, pos)
+        cache.write(layer, k, v, pos, rows=rows)
         return out
 
     def forward_decoder_static(self, x, cos, sin, cache: KVCache):
@@ -321,10 +321,11 @@ class Layer(nn.Module):
         moe = self.post_feedforward_layernorm_2(moe)
         return x + self.post_feedforward_layernorm(dense + moe)
 
-    def forward(self, x, cos, sin, cache: KVCache, encoder: bool, pos=None, valid=None, static=False) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache, encoder: bool, pos=None, valid=None, static=False,
+                rows=None) -> torch.Tensor:
         h = self.input_layernorm(x)
         if encoder and static:
-            h = self.self_attn.forward_encoder_static(h, cos, sin, cache, pos)
+            h = self.self_attn.forward_encoder_static(h, cos, sin, cache, pos, rows)
         elif encoder:
             h = self.self_attn.forward_encoder(h, cos, sin, cache, pos, valid)
         elif static:
@@ -391,11 +392,11 @@ class DiffusionGemma(nn.Module):
         cap = self.args.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    def run_layers(self, x, pos, cache: KVCache, encoder: bool, valid=None, static=False) -> torch.Tensor:
+    def run_layers(self, x, pos, cache: KVCache, encoder: bool, valid=None, static=False, rows=None) -> torch.Tensor:
         rope = self.rope(pos, x.dtype)
         for i, layer in enumerate(self.layers):
             cos, sin = rope[self.args.layer_types[i]]
-            x = layer(x, cos, sin, cache, encoder, pos, valid, static)
+            x = layer(x, cos, sin, cache, encoder, pos, valid, static, rows)
         return self.norm(x)
 
     # --- the two passes ---------------------------------------------------------------------------------------
@@ -411,10 +412,12 @@ class DiffusionGemma(nn.Module):
             raise ValueError(f"KV cache is full: position {int(pos.max())} >= max_len {cache.max_len}")
         return self.run_layers(self.embed(ids), pos, cache, True, valid)
 
-    def encode_static(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def encode_static(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
         """`encode` for a committed canvas with fixed shapes and no host syncs (CUDA-graph capture): ids/pos [B, C],
-        no padding, a cache built with scratch >= C. Writes the same cache entries as `encode`."""
-        return self.run_layers(self.embed(ids), pos, cache, True, static=True)
+        no padding, a cache built with scratch >= C. Writes the same cache entries as `encode`; with `rows` [B] bool
+        only those rows' caches are written (the scheduler's batch commits some rows and not others)."""
+        return self.run_layers(self.embed(ids), pos, cache, True, static=True, rows=rows)
 
     def soft_embed(self, sc_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Self-conditioning input: softmax(previous processed logits) @ E × embed scale ([B, T, hidden])."""
