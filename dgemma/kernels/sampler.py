@@ -22,7 +22,7 @@ Notable choices:
   the noise of (row, column) does not depend on the split or block sizes.
 - E = -log1p(-W) with W uniform from all 32 bits (resolution 2^-32 near 0, where the race winners are), log1p
   through Goldberg's exact-rounding trick (libdevice is not available under TRITON_INTERPRET).
-- bf16 rounding is done on the bits (round to nearest even): the interpreter's fp32→bf16 cast truncates.
+- Rounding to bf16 goes through `rounding.round_to` (on the bits), so the interpreter matches the GPU.
 - `noise=` takes explicit exponentials [R, V] instead of Philox (tests; the drop-in for `fast.scores`).
 """
 
@@ -32,24 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.rounding import MODES, round_to
+
 NOISE_Q = 1024  # columns per sub-block; a tile is 4 sub-blocks sharing one Philox call. Fixed: it defines the noise.
 TILE = 4 * NOISE_Q
-_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 # --- device helpers ---------------------------------------------------------------------------------------------
-@triton.jit
-def _round_scores(x, MODE: tl.constexpr):
-    """x (fp32) rounded to the self-conditioning dtype and back: MODE 0 fp32, 1 bf16 (nearest even), 2 fp16."""
-    if MODE == 1:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    elif MODE == 2:
-        x = x.to(tl.float16).to(tl.float32)
-    return x
-
-
 @triton.jit
 def _log1p(x):
     """log(1 + x) accurate for small x: log(u) * x / (u - 1) with u = 1 + x rounded (Goldberg 1991, Thm. 4)."""
@@ -112,9 +101,9 @@ def _update(st, x, e, cols, ROUND: tl.constexpr):
     s = alpha * (s + tl.where(z > 0, m - m_ref, 0.0) * z) + tl.sum(p * d, 0)
     z = alpha * z + tl.sum(p, 0)
     if ROUND != 0:  # Zb is relative to round(m): exp(xb - mb) then matches softmax(x.to(bf16)) term by term
-        mb_old = _round_scores(tl.where(m == float("-inf"), 0.0, m), ROUND)
-        mb_new = _round_scores(m_ref, ROUND)
-        zb = tl.where(zb > 0, zb * tl.exp(mb_old - mb_new), 0.0) + tl.sum(tl.exp(_round_scores(x, ROUND) - mb_new), 0)
+        mb_old = round_to(tl.where(m == float("-inf"), 0.0, m), ROUND)
+        mb_new = round_to(m_ref, ROUND)
+        zb = tl.where(zb > 0, zb * tl.exp(mb_old - mb_new), 0.0) + tl.sum(tl.exp(round_to(x, ROUND) - mb_new), 0)
     key = x - tl.log(e)
     kmax, kidx = tl.max(key, 0, return_indices=True, return_indices_tie_break_left=True)
     base = tl.min(cols, 0)
@@ -196,8 +185,8 @@ def _finish_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, wf_ptr, wi_ptr, 
     z = tl.sum(alpha * z_s, 0)
     s = tl.sum(tl.where(z_s > 0, alpha * (s_s + (m_s - m) * z_s), 0.0), 0)
     if ROUND != 0:
-        mb = _round_scores(m, ROUND)
-        zb = tl.sum(tl.where(zb_s > 0, zb_s * tl.exp(_round_scores(m_s, ROUND) - mb), 0.0), 0)
+        mb = round_to(m, ROUND)
+        zb = tl.sum(tl.where(zb_s > 0, zb_s * tl.exp(round_to(m_s, ROUND) - mb), 0.0), 0)
     else:
         mb, zb = m, z
     if split == 0:
@@ -217,8 +206,8 @@ def _finish_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, wf_ptr, wi_ptr, 
     for i in range(0, N_TILES):
         t = start + i * BLOCK
         cols = t + tl.arange(0, BLOCK)
-        x = _round_scores(_scores(x_row, cols, V, temp, cap, SOFTCAP, HAS_TEMP), ROUND)
-        p = _round_scores(tl.exp(x - mb) / zb, ROUND)  # exact in the output dtype, so the cast below is exact
+        x = round_to(_scores(x_row, cols, V, temp, cap, SOFTCAP, HAS_TEMP), ROUND)
+        p = round_to(tl.exp(x - mb) / zb, ROUND)  # exact in the output dtype, so the cast below is exact
         tl.store(p_row + cols, p.to(probs_ptr.dtype.element_ty), mask=cols < V)
 
 
@@ -260,7 +249,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, 
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be [R, V] with unit stride along V, got {tuple(logits.shape)}")
-    if logits.dtype not in _ROUND or probs_dtype not in _ROUND:
+    if logits.dtype not in MODES or probs_dtype not in MODES:
         raise ValueError(f"unsupported dtypes: logits {logits.dtype}, probs {probs_dtype}")
     R, V = logits.shape
     dev = logits.device
@@ -299,7 +288,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, 
         return sample, argmax, entropy, probs
     # Loop trip counts are constexpr: the interpreter cannot loop over a runtime bound with numpy >= 2.4, and on GPU
     # they are fixed per (V, split) anyway.
-    flags = dict(SOFTCAP=bool(softcap), HAS_TEMP=temperature is not None, ROUND=_ROUND[probs_dtype],
+    flags = dict(SOFTCAP=bool(softcap), HAS_TEMP=temperature is not None, ROUND=MODES[probs_dtype],
                  N_TILES=chunk // TILE)
     cap = float(softcap) or 1.0
     _stats_kernel[(R, n_split)](logits, logits.stride(0), temp_arg, temp_stride, cap, seed, offset, group,
