@@ -47,7 +47,7 @@ def logits_for(R: int, V: int, dtype: torch.dtype, masked: bool, seed: int = 0) 
     if masked:
         x[:, ::5] = float("-inf")
     # Exact ties for the argmax (the first index wins) within a block, across blocks and across splits.
-    x[:, TIES] = x.max(dim=-1).values[:, None] + 1
+    x[:, [t for t in TIES if t < V]] = x.max(dim=-1).values[:, None] + 1
     return x.to(dtype).to(DEV)
 
 

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.fmath import MODES, round_to
 from dgemma.kernels.rms_norm import as_rows, block_shape, normed_rows
-from dgemma.kernels.rounding import MODES, round_to
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.rounding import MODES, round_to
+from dgemma.kernels.fmath import MODES, round_to
 
 
 @triton.jit

@@ -21,8 +21,8 @@ Notable choices:
   (increment it in place each step). One Philox call gives 4 words, used by 4 sub-blocks of NOISE_Q columns, so
   the noise of (row, column) does not depend on the split or block sizes.
 - E = -log1p(-W) with W uniform from all 32 bits (resolution 2^-32 near 0, where the race winners are), log1p
-  through Goldberg's exact-rounding trick (libdevice is not available under TRITON_INTERPRET).
-- Rounding to bf16 goes through `rounding.round_to` (on the bits), so the interpreter matches the GPU.
+  (`fmath.log1p`; libdevice is not available under TRITON_INTERPRET).
+- Rounding to bf16 goes through `fmath.round_to` (on the bits), so the interpreter matches the GPU.
 - `noise=` takes explicit exponentials [R, V] instead of Philox (tests; the drop-in for `fast.scores`).
 """
 
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.rounding import MODES, round_to
+from dgemma.kernels.fmath import MODES, log1p, round_to, tanh
 
 NOISE_Q = 1024  # columns per sub-block; a tile is 4 sub-blocks sharing one Philox call. Fixed: it defines the noise.
 TILE = 4 * NOISE_Q
@@ -40,32 +40,11 @@ TILE = 4 * NOISE_Q
 
 # --- device helpers ---------------------------------------------------------------------------------------------
 @triton.jit
-def _log1p(x):
-    """log(1 + x) accurate for small x: log(u) * x / (u - 1) with u = 1 + x rounded (Goldberg 1991, Thm. 4)."""
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
-
-
-@triton.jit
-def _expm1(x):
-    """exp(x) - 1 accurate for small x: (u - 1) * x / log(u) with u = exp(x) rounded (Kahan)."""
-    u = tl.exp(x)
-    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (x / tl.log(u))))
-
-
-@triton.jit
-def _tanh(y):
-    t = _expm1(-2.0 * tl.abs(y))  # in (-1, 0]
-    r = -t / (2.0 + t)
-    return tl.where(y < 0, -r, r)
-
-
-@triton.jit
 def _scores(row_ptr, cols, V, temp, cap, SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr):
     """The processed scores of columns `cols` (fp32, -inf past V): softcap(x) / temperature."""
     x = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
     if SOFTCAP:
-        x = _tanh(x / cap) * cap  # lm_head: tanh(logits / cap) * cap
+        x = tanh(x / cap) * cap  # lm_head: tanh(logits / cap) * cap
     if HAS_TEMP:
         x = x / temp
     return tl.where(cols < V, x, float("-inf"))
@@ -75,7 +54,7 @@ def _scores(row_ptr, cols, V, temp, cap, SOFTCAP: tl.constexpr, HAS_TEMP: tl.con
 def _exponential(word):
     """Exp(1) from a uint32 Philox word: W = (word + 1/2) / 2^32 in (0, 1), E = -log1p(-W), always in (0, 17)."""
     w = tl.minimum(word.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10, 0.99999994)
-    return -_log1p(-w)
+    return -log1p(-w)
 
 
 @triton.jit
