@@ -258,46 +258,54 @@ def test_metrics_observers_and_engine_errors(tiny_a):
     assert max(steps) == 2 and max(canvases) == 2
 
 
-# --- CUDA (CUDA graphs per batch bucket); run on an H100/H200 -------------------------------------------------------
+# --- CUDA (CUDA graphs per batch bucket); run on an H100/H200 (the bundled model: no transformers needed) ------------
 @pytest.mark.gpu
-def test_cuda_graph_scheduler_is_batch_independent_and_captures_once(tiny_ckpt):
-    llm = LLM(tiny_ckpt("a"), device="cuda", dtype="bfloat16")
+def test_cuda_graph_scheduler_is_batch_independent_and_captures_once():
+    """bf16, CUDA graphs: one step and one commit graph per bucket, captured at construction and never again; a
+    seeded request gives the same tokens next to different batch mates (same bucket, so the same kernels)."""
+    llm = LLM(None, device="cuda", dtype="bfloat16")
     d = llm.defaults
-    sched = Scheduler(llm.model, d, max_batch=8, max_model_len=256)
-    assert sched.stepper.use_graph and sorted(sched.stepper.graphs) == [1, 2, 4, 8]
+    sched = Scheduler(llm.model, d, max_batch=8, max_model_len=1024)
+    assert sched.stepper.use_graph and sorted(sched.stepper.graphs) == sorted(sched.stepper.commit_graphs) == [
+        1, 2, 4, 8]
     graphs = dict(sched.stepper.graphs)
-    ps = prompts_for(llm, (13, 5, 20, 9, 30, 3), seed=6)
-    jobs = [(p, knobs(d, seed=20 + i, max_new_tokens=16 * (1 + i % 4), max_denoising_steps=4 + i))
-            for i, p in enumerate(ps)]
+    ps = prompts_for(llm, (13, 5, 20, 9, 30, 3, 70), seed=6)
+    jobs = [(p, knobs(d, seed=20 + i, max_new_tokens=64 * (1 + i % 4), max_denoising_steps=4 + i,
+                      confidence_threshold=1e-9 if i % 2 else 0.3)) for i, p in enumerate(ps)]
     sched.start()
     try:
-        alone = [one(sched, *job).token_ids for job in jobs[:2]]
-        together, _ = run(sched, jobs)
+        first, _ = run(sched, [jobs[0], jobs[1], jobs[2]])  # bucket 4 (3 rows + a frozen padding row)
+        second, _ = run(sched, [jobs[0], jobs[3], jobs[4], jobs[5]])  # bucket 4, other mates
+        many, _ = run(sched, jobs)  # bucket 8
     finally:
         sched.shutdown()
-    assert [f.token_ids for f in list(together.values())[:2]] == alone
-    assert all(isinstance(f, Finished) for f in together.values())
+    assert list(first.values())[0].token_ids == list(second.values())[0].token_ids
+    assert all(isinstance(f, Finished) and f.usage["completion_tokens"] > 0 for f in many.values())
     assert sched.stepper.graphs == graphs  # no capture per request
+    m = sched.metrics()
+    assert m["requests_finished"] == 14 and m["cached_prompt_tokens"] > 0  # jobs[0] came back twice
 
 
 @pytest.mark.gpu
-def test_cuda_eager_scheduler_matches_generate(tiny_ckpt):
-    """fast=False on CUDA: each request's own generator, so fp32 tokens equal batch-1 generate's (TF32 off)."""
+def test_cuda_eager_scheduler_matches_generate():
+    """fp32 on CUDA (eager; TF32 off): each request draws from its own generator, so its tokens equal those of
+    batch-1 `generate` on the static path (the same exponential-race draws) whatever shares its batch."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        llm = LLM(tiny_ckpt("a"), device="cuda", dtype="float32")
+        llm = LLM(None, device="cuda", dtype="float32")
         d = llm.defaults
-        jobs = [(p, knobs(d, seed=30 + i, max_denoising_steps=5 + i)) for i, p in
+        jobs = [(p, knobs(d, seed=30 + i, max_denoising_steps=5 + i, max_new_tokens=100)) for i, p in
                 enumerate(prompts_for(llm, (13, 5, 20), seed=7))]
-        sched = Scheduler(llm.model, d, max_batch=4, max_model_len=128, fast=False)
+        sched = Scheduler(llm.model, d, max_batch=4, max_model_len=512, fast=False)
+        assert not sched.stepper.use_graph
         sched.start()
         try:
             ended, _ = run(sched, jobs)
         finally:
             sched.shutdown()
         for (prompt, params), fin in zip(jobs, ended.values()):
-            out = list(generate(llm.model, [prompt], params, fast=False, drafts=False,
+            out = list(generate(llm.model, [prompt], params, fast=True, drafts=False,
                                 generator=torch.Generator(device="cuda").manual_seed(params.seed)))[-1]
             assert fin.token_ids == out.outputs[0].token_ids
     finally:
