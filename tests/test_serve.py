@@ -242,7 +242,7 @@ BAD_CHAT = [
     ({"model": "default", "messages": []}, 400, "messages", "at least 1"),
     ({"messages": _msgs()}, 400, "model", "required"),
     ({"model": "default", "messages": _msgs(), "t_min": 0.9, "t_max": 0.5}, 400, "t_max", "t_min"),
-    ({"model": "default", "messages": _msgs(), "stability_threshold": 100}, 400, "stability_threshold", "maximum"),
+    ({"model": "default", "messages": _msgs(), "stability_threshold": 100}, 400, "stability_threshold", "less than"),
     ({"model": "default", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
      "messages[0].content", "text parts"),
     ({"model": "default", "messages": _msgs(), "max_tokens": 4096}, 400, "max_tokens", "max_model_len"),

@@ -19,13 +19,15 @@ def build_app(llm: LLM, *, model_name: str = "default", api_key: str | None = No
     from dgemma.engine.scheduler import Scheduler
     from dgemma.serve.app import ServerConfig, create_app
     from dgemma.serve.metrics import ServerMetrics
+    from dgemma.serve.protocol import MAX_STABILITY
 
     if llm.tokenizer is None:
         raise ValueError(f"{llm.path} has no tokenizer.json; the server needs one to read and write text")
     scheduler: Scheduler | None = None
     metrics = ServerMetrics(lambda: scheduler.metrics())
     scheduler = Scheduler(llm.model, llm.defaults, max_batch=max_batch, max_model_len=max_model_len, fast=llm.fast,
-                          prefix_cache=prefix_cache, on_step=metrics.on_step, on_canvas=metrics.on_canvas)
+                          prefix_cache=prefix_cache, on_step=metrics.on_step, on_canvas=metrics.on_canvas,
+                          max_stability=MAX_STABILITY)
     limit = getattr(scheduler, "max_model_len", None) or max_model_len or llm.args.max_position_embeddings
     config = ServerConfig(model_name=model_name, max_model_len=limit, api_key=api_key)
     return create_app(llm, scheduler, config, metrics)

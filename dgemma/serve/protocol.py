@@ -11,7 +11,7 @@ Design choices:
   seed, stream, stream_options.include_usage, chat_template_kwargs.enable_thinking, plus the diffusion knobs as
   extra body fields and dgemma's stream_options.include_drafts. Ignored because harmless (documented in
   docs/server.md): user, metadata, store, service_tier, parallel_tool_calls. Accepted only at their no-op value,
-  else a 400 naming the field (`_NO_OP`): n, best_of, top_p, frequency/presence_penalty, logit_bias, logprobs,
+  else a 400 naming the field (`NO_OP`): n, best_of, top_p, frequency/presence_penalty, logit_bias, logprobs,
   top_logprobs, echo, suffix, tools, tool_choice, functions, function_call, response_format (type "text"),
   modalities (["text"]), audio, prediction, web_search_options, reasoning_effort.
 - `temperature` is refused whatever its value: dgemma anneals a temperature schedule from t_max (first step) to
@@ -30,6 +30,7 @@ from dgemma.api import ALIASES
 DIFFUSION_KNOBS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
                    "confidence_threshold")
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; matching cost grows with their count)
+MAX_STABILITY = 8  # the largest stability_threshold (the engine preallocates that much stop history per row)
 
 
 class APIError(Exception):
@@ -65,7 +66,7 @@ class ImagePart(BaseModel):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]  # no "tool": tool calling is not supported
     content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None  # ignored: the chat template has no speaker names
     reasoning_content: str | None = None  # ignored: earlier thoughts are not fed back (as Gemma's template does)
@@ -81,7 +82,8 @@ class DiffusionKnobs(_Strict):
     entropy_bound: float | None = Field(None, gt=0, le=1e6, description="accept lowest-entropy tokens up to this sum")
     t_min: float | None = Field(None, ge=0, le=100, description="temperature at the last step")
     t_max: float | None = Field(None, gt=0, le=100, description="temperature at the first step (> t_min)")
-    stability_threshold: int | None = Field(None, ge=0, le=1024, description="unchanged steps to stop a canvas early")
+    stability_threshold: int | None = Field(None, ge=0, le=MAX_STABILITY,
+                                            description="unchanged steps to stop a canvas early")
     confidence_threshold: float | None = Field(None, gt=0, le=1e6, description="mean entropy that stops a canvas")
 
 
@@ -92,7 +94,7 @@ class _Common(DiffusionKnobs):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # accepted only at a no-op value (see _NO_OP) or refused outright
+    # accepted only at a no-op value (see NO_OP) or refused outright
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
@@ -138,7 +140,7 @@ class CompletionRequest(_Common):
 
 
 # field → (the value(s) that do nothing, why any other value is refused)
-_NO_OP: dict[str, tuple[tuple, str]] = {
+NO_OP: dict[str, tuple[tuple, str]] = {
     "n": ((None, 1), "only n=1 is supported; send parallel requests instead (they are batched)"),
     "best_of": ((None, 1), "only best_of=1 is supported"),
     "top_p": ((None, 1, 1.0), "nucleus sampling is not supported; the entropy-bound sampler decides what to keep "
@@ -168,9 +170,9 @@ def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     if req.temperature is not None:
         raise APIError(400, f"temperature is not supported: use {ALIASES['temperature']}", "temperature",
                        "unsupported_parameter")
-    for name, (no_op, why) in _NO_OP.items():
+    for name, (no_op, why) in NO_OP.items():
         if name in type(req).model_fields and getattr(req, name) not in no_op:
-            raise APIError(400, f"{name}={getattr(req, name)!r}: {why}", name, "unsupported_parameter")
+            raise APIError(400, f"{name}={_short(getattr(req, name))}: {why}", name, "unsupported_parameter")
     fmt = getattr(req, "response_format", None)
     if fmt is not None and fmt.get("type") != "text":
         raise APIError(400, f"response_format type {fmt.get('type')!r} is not supported (only 'text'): no "
@@ -190,6 +192,11 @@ def _check_messages(messages: list[ChatMessage]) -> None:
         if isinstance(m.content, list) and any(isinstance(p, ImagePart) for p in m.content):
             raise APIError(400, f"messages[{i}].content: only text parts are supported (no image, audio or file "
                                 "input yet)", f"messages[{i}].content")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
