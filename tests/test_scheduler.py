@@ -92,7 +92,7 @@ def test_seeded_requests_in_a_mixed_batch_equal_generate_alone(which, request):
     sched = Scheduler(llm.model, d, max_batch=4, max_model_len=128)
     sched.start()
     try:
-        ended, col = run(sched, jobs)
+        ended, col = run(sched, jobs, drafts=True)
     finally:
         sched.shutdown()
     canvases = 0
@@ -102,6 +102,10 @@ def test_seeded_requests_in_a_mixed_batch_equal_generate_alone(which, request):
         assert (fin.token_ids, fin.usage["steps_per_canvas"], fin.finish_reason) == (tokens, steps, reason)
         committed = [e for e in col.events[rid] if isinstance(e, Committed)]
         assert sum((e.tokens for e in committed), []) == tokens
+        assert [e.steps for e in committed] == steps
+        drafts = [(e.canvas, e.step) for e in col.events[rid] if isinstance(e, Draft)]
+        assert drafts == [(c, s + 1) for c, n in enumerate(steps) for s in range(n)]
+        assert all(len(e.tokens) == llm.args.canvas_length for e in col.events[rid] if isinstance(e, Draft))
         assert fin.usage["completion_tokens"] == len(tokens) and fin.usage["steps"] == sum(steps)
         canvases = max(canvases, len(steps))
     if which == "tiny_a":
@@ -217,6 +221,10 @@ def test_submit_validates(tiny_a):
     with pytest.raises(ValueError, match="max_denoising_steps"):
         sched.submit([5], dataclasses.replace(d, max_denoising_steps=0), print)
     assert sched.metrics()["requests_total"] == 0
+    col = Collector()
+    rid = sched.submit([5, 6], knobs(d), col.sink)
+    sched.shutdown()  # never started: the queued request still ends, once
+    assert isinstance(col.next(), Failed) and col.q.empty() and rid in col.ended
 
 
 def test_metrics_observers_and_engine_errors(tiny_a):

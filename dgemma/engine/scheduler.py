@@ -180,6 +180,8 @@ class Scheduler:
             thread = self._thread
         if thread is not None:
             thread.join()
+        else:  # never started: the queued requests still get their terminal event
+            self._drain_queue()
         with self._lock:
             self._thread = None
 
@@ -268,6 +270,9 @@ class Scheduler:
                 log.exception("scheduler: a canvas failed")
                 self._fail_busy(f"engine error: {type(e).__name__}: {e}")
         self._fail_busy("scheduler shut down")
+        self._drain_queue()
+
+    def _drain_queue(self) -> None:
         with self._lock:
             queued, self._queue = list(self._queue), collections.deque()
         for req in queued:
@@ -458,16 +463,22 @@ class Scheduler:
             self._m["step_seconds_sum"] += seconds
             self._m["step_rows_sum"] += rows
             self._step_lat.append(seconds)
-        if self.on_step is not None:
-            self.on_step(seconds, rows)
+        _call(self.on_step, seconds, rows)
 
     def _observe_canvas(self, seconds: float, rows: int) -> None:
         with self._lock:
             self._m["canvases"] += 1
             self._m["canvas_seconds_sum"] += seconds
             self._canvas_lat.append(seconds)
-        if self.on_canvas is not None:
-            self.on_canvas(seconds, rows)
+        _call(self.on_canvas, seconds, rows)
+
+
+def _call(observer, *args) -> None:
+    if observer is not None:
+        try:
+            observer(*args)
+        except Exception:  # noqa: BLE001 - metrics must not fail requests
+            log.exception("scheduler: observer %r raised", observer)
 
 
 class _ShutDown(Exception):
