@@ -105,7 +105,8 @@ class Answer {
     for (let i = 0; i < d.tokens.length; i++) {
       const span = document.createElement("span");
       const piece = d.text[i];
-      span.textContent = piece === "" ? "·" : piece;
+      // specials show as "·", newlines as "↵": the canvas keeps its shape while tokens change
+      span.textContent = piece === "" ? "·" : piece.replaceAll("\n", "↵");
       const past = ended || i >= d.limit;
       span.className = past ? "pad" : d.settled[i] ? "settled" : "noisy";
       if (piece === "" && !past && d.step > 1) ended = true;  // a special token (EOS): the rest will be padding
