@@ -1,6 +1,7 @@
 # Two set-up commands that work on a fresh machine with only Python 3.11+ and pip:
 #   make run    create .venv if missing, install dgemma, run `dgemma run` on the bundled default model
 #   make test   create .venv if missing, install dgemma with its test dependencies, run the whole suite
+#   make serve  create .venv if missing, install dgemma with the server extra, run `dgemma serve` (playground at /)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PROMPT ?= Why is the sky blue?
 # Pinned torch first: an unpinned requirement with no torch installed would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test install install-test lint clean
+.PHONY: run serve test install install-test chromium lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +20,7 @@ $(VENV)/.torch: | $(PY)
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[serve]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
@@ -33,7 +34,16 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(VENV)/bin/dgemma run "$(PROMPT)"
 
-test: install-test
+serve: install
+	$(VENV)/bin/dgemma serve
+
+# The playground test drives Debian's chromium with playwright (no browser download); install it when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+		echo "make: chromium is not installed and could not be (apt-get install chromium as root): the playground test will be skipped"
+
+test: install-test chromium
 	$(VENV)/bin/ruff check dgemma tests scripts
 	$(PY) -m pytest -q
 
