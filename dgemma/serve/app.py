@@ -61,7 +61,8 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServerConfig, metrics: Se
         finally:
             scheduler.shutdown()
 
-    app = FastAPI(title="dgemma", version=_version(), lifespan=lifespan,
+    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the server must work offline
+    app = FastAPI(title="dgemma", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible server for DiffusionGemma block-diffusion models.")
     app.state.config, app.state.scheduler, app.state.metrics = config, scheduler, metrics
     runner = Runner(scheduler, llm.tokenizer, metrics, llm.args.canvas_length)
