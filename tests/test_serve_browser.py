@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_serve import live_server
 
 CHROMIUM = os.environ.get("DGEMMA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
