@@ -24,6 +24,8 @@ Notable choices:
   the free row sharing the longest prefix with its prompt and encodes only the rest (`cached_prompt_tokens`). A
   sliding-window ring cannot be rolled back past positions it overwrote, so reuse happens only when exact
   (`KVCache.rollback_ok`): the shared prefix covers the row's whole cache, or the ring never wrapped.
+- The static step attends over every slot of a row (masked), so max_model_len costs step time: at the real shape in
+  bf16 on an H200, one row, 41.8 ms per step at max_model_len 1280 and 45.4 ms at 8192 (generate's step: ~43 ms).
 - A new request's prompt is prefilled in its own row between canvases (the batch waits meanwhile).
 - Cancelling a running request freezes its row at the next step boundary and sends Finished("cancelled"); the row
   is freed at the canvas boundary.
