@@ -112,6 +112,9 @@ def test_noise_streams():
     assert not torch.isclose(a, b).any(dim=-1).all()
     big = philox_exponentials(seed, torch.tensor([2**40 + 3], dtype=torch.int64, device=DEV), 4, 5000)
     assert not torch.equal(big, a)
+    # One offset per seed (e.g. each row's own step counter, int32) = each seed's rows at its own offset.
+    per_seed = philox_exponentials(seed, torch.tensor([0, 1], dtype=torch.int32, device=DEV), 4, 5000)
+    assert torch.equal(per_seed[:2], a[:2]) and torch.equal(per_seed[2:], b[2:])
     # Exp(1): positive, finite, Kolmogorov-Smirnov distance within the 1% critical value.
     e = torch.cat([a, b, big]).flatten().double().sort().values.cpu()
     assert e.min() > 0 and e.max() < 17

@@ -17,9 +17,10 @@ Notable choices:
 - The race is compared in log space, argmax(x - log E): the same winner as argmax(p / E) without needing the final
   max and sum, so no rescaling. Rounding can only flip exact near-ties between the two forms.
 - Noise is Philox4x32-10 (`tl.philox`): key = seed[r // G] (G = R / len(seed)), counter = (column quad, r % G,
-  offset lo, offset hi). `offset` is read from a device tensor, so a CUDA graph advances it without recapture
-  (increment it in place each step). One Philox call gives 4 words, used by 4 sub-blocks of NOISE_Q columns, so
-  the noise of (row, column) does not depend on the split or block sizes.
+  offset lo, offset hi), offset = offset[r // G] or the single offset. It is read from a device tensor, so a CUDA
+  graph advances it without recapture (bump it in place, or pass the rows' own step counters). One Philox call
+  gives 4 words, used by 4 sub-blocks of NOISE_Q columns, so the noise of (row, column) does not depend on the
+  split or block sizes.
 - E = -log1p(-W) with W uniform from all 32 bits (resolution 2^-32 near 0, where the race winners are), log1p
   (`fmath.log1p`; libdevice is not available under TRITON_INTERPRET).
 - Rounding to bf16 goes through `fmath.round_to` (on the bits), so the interpreter matches the GPU.
@@ -97,7 +98,8 @@ def _update(st, x, e, cols, ROUND: tl.constexpr):
 
 # --- kernels ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _stats_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, seed_ptr, offset_ptr, group, noise_ptr, stride_n,
+def _stats_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, seed_ptr, offset_ptr, off_stride, group,
+                  noise_ptr, stride_n,
                   wf_ptr, wi_ptr, V, chunk, n_split,
                   SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_NOISE: tl.constexpr, ROUND: tl.constexpr,
                   Q: tl.constexpr, N_TILES: tl.constexpr):
@@ -107,7 +109,7 @@ def _stats_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, seed_ptr, offset_
     temp = tl.load(temp_ptr + row * temp_stride) if HAS_TEMP else 1.0
     if not HAS_NOISE:
         key = tl.load(seed_ptr + row // group)
-        off = tl.load(offset_ptr).to(tl.uint64)
+        off = tl.load(offset_ptr + (row // group) * off_stride).to(tl.int64).to(tl.uint64)
         off_lo, off_hi = (off & 0xFFFFFFFF).to(tl.uint32), (off >> 32).to(tl.uint32)
         sub_row = (row % group).to(tl.uint32)
     ninf = tl.full([], float("-inf"), tl.float32)
@@ -191,12 +193,12 @@ def _finish_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, wf_ptr, wi_ptr, 
 
 
 @triton.jit
-def _noise_kernel(seed_ptr, offset_ptr, group, out_ptr, V, Q: tl.constexpr):
+def _noise_kernel(seed_ptr, offset_ptr, off_stride, group, out_ptr, V, Q: tl.constexpr):
     """Writes the Exp(1) draws the fused sampler uses for (row, columns of one tile): for tests and references."""
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * 4 * Q
     key = tl.load(seed_ptr + row // group)
-    off = tl.load(offset_ptr).to(tl.uint64)
+    off = tl.load(offset_ptr + (row // group) * off_stride).to(tl.int64).to(tl.uint64)
     lanes = tl.arange(0, Q)
     e0, e1, e2, e3 = _tile_noise(key, (t // 4 + lanes).to(tl.uint32), (row % group).to(tl.uint32),
                                  (off & 0xFFFFFFFF).to(tl.uint32), (off >> 32).to(tl.uint32))
@@ -217,7 +219,8 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, 
     temperature: fp32 device tensor with 1 or R elements (None: 1). Divided, not multiplied, like `logits / temp`.
     seed: int64 device tensor [S], S dividing R: rows r*R/S .. (r+1)*R/S - 1 share key seed[r] (one seed per batch
         row with R = B*C gives noise that does not depend on where the request sits in the batch).
-    offset: int64 device tensor with 1 element, the Philox counter; increment it in place between steps.
+    offset: int64 or int32 device tensor, 1 element or one per seed: the Philox counter (the step). Advance it in
+        place between steps (or pass a per-row step counter, so a row's draws depend only on its own steps).
     noise: explicit Exp(1) draws, fp32 [R, V] (instead of seed/offset).
     softcap: apply cap * tanh(x / cap) first (pass the raw bf16 LM-head output and the model's
         final_logit_softcapping to skip materialising fp32 logits).
@@ -236,8 +239,10 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, 
     if noise is None:
         if seed is None or offset is None:
             raise ValueError("pass seed and offset (device tensors), or explicit noise")
-        if seed.dtype != torch.int64 or R % seed.numel() or offset.numel() != 1:
-            raise ValueError("seed must be int64 with a length dividing R; offset a 1-element int64 tensor")
+        if seed.dtype != torch.int64 or R % seed.numel() or offset.numel() not in (1, seed.numel()):
+            raise ValueError("seed must be int64 with a length dividing R; offset 1 element or one per seed")
+        if offset.dtype not in (torch.int64, torch.int32):
+            raise ValueError("offset must be int64 or int32")
         group, noise_arg, noise_stride = R // seed.numel(), logits, 0  # noise_arg unused (HAS_NOISE=False)
     else:
         if noise.shape != logits.shape or noise.dtype != torch.float32 or noise.stride(1) != 1:
@@ -270,7 +275,8 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, 
     flags = dict(SOFTCAP=bool(softcap), HAS_TEMP=temperature is not None, ROUND=MODES[probs_dtype],
                  N_TILES=chunk // TILE)
     cap = float(softcap) or 1.0
-    _stats_kernel[(R, n_split)](logits, logits.stride(0), temp_arg, temp_stride, cap, seed, offset, group,
+    off_stride = offset.reshape(-1).stride(0) if offset.numel() > 1 else 0
+    _stats_kernel[(R, n_split)](logits, logits.stride(0), temp_arg, temp_stride, cap, seed, offset, off_stride, group,
                                 noise_arg, noise_stride, wf, wi, V, chunk, n_split,
                                 HAS_NOISE=noise is not None, Q=NOISE_Q, num_warps=4, **flags)
     _finish_kernel[(R, n_split)](logits, logits.stride(0), temp_arg, temp_stride, cap, wf, wi, sample, argmax,
@@ -282,7 +288,9 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, 
 def philox_exponentials(seed: torch.Tensor, offset: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
     """The Exp(1) draws [rows, vocab] that `fused_sample(..., seed, offset)` uses (for tests and references)."""
     out = torch.empty(rows, vocab, dtype=torch.float32, device=seed.device)
-    _noise_kernel[(rows, triton.cdiv(vocab, TILE))](seed, offset, rows // seed.numel(), out, vocab, Q=NOISE_Q)
+    off_stride = offset.reshape(-1).stride(0) if offset.numel() > 1 else 0
+    _noise_kernel[(rows, triton.cdiv(vocab, TILE))](seed, offset, off_stride, rows // seed.numel(), out, vocab,
+                                                     Q=NOISE_Q)
     return out
 
 
