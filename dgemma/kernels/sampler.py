@@ -98,7 +98,7 @@ def _update(st, x, e, cols, ROUND: tl.constexpr):
 
 # --- kernels ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _stats_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, seed_ptr, offset_ptr, off_stride, group,
+def _stats_kernel(x_ptr, stride_x, temp_ptr, temp_stride, temp_group, cap, seed_ptr, offset_ptr, off_stride, group,
                   noise_ptr, stride_n,
                   wf_ptr, wi_ptr, V, chunk, n_split,
                   SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_NOISE: tl.constexpr, ROUND: tl.constexpr,
@@ -106,7 +106,7 @@ def _stats_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, seed_ptr, offset_
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     x_row = x_ptr + row * stride_x
-    temp = tl.load(temp_ptr + row * temp_stride) if HAS_TEMP else 1.0
+    temp = tl.load(temp_ptr + (row // temp_group) * temp_stride) if HAS_TEMP else 1.0
     if not HAS_NOISE:
         key = tl.load(seed_ptr + row // group)
         off = tl.load(offset_ptr + (row // group) * off_stride).to(tl.int64).to(tl.uint64)
@@ -146,8 +146,8 @@ def _stats_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, seed_ptr, offset_
 
 
 @triton.jit
-def _finish_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, wf_ptr, wi_ptr, sample_ptr, argmax_ptr, entropy_ptr,
-                   probs_ptr, stride_p, V, chunk, n_split,
+def _finish_kernel(x_ptr, stride_x, temp_ptr, temp_stride, temp_group, cap, wf_ptr, wi_ptr, sample_ptr, argmax_ptr,
+                   entropy_ptr, probs_ptr, stride_p, V, chunk, n_split,
                    SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr, ROUND: tl.constexpr, SPLIT_P2: tl.constexpr,
                    BLOCK: tl.constexpr, N_TILES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -180,7 +180,7 @@ def _finish_kernel(x_ptr, stride_x, temp_ptr, temp_stride, cap, wf_ptr, wi_ptr, 
         tl.store(argmax_ptr + row, tl.sum(tl.where(sp == a, tl.load(wi + 1, mask=ok, other=0), 0), 0).to(tl.int64))
         tl.store(entropy_ptr + row, tl.log(z) - s / z)
     # Self-conditioning probabilities over this program's chunk, written once.
-    temp = tl.load(temp_ptr + row * temp_stride) if HAS_TEMP else 1.0
+    temp = tl.load(temp_ptr + (row // temp_group) * temp_stride) if HAS_TEMP else 1.0
     x_row = x_ptr + row * stride_x
     p_row = probs_ptr + row * stride_p
     start = split * chunk
@@ -216,7 +216,8 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, 
     """Race sample, argmax, entropy and self-conditioning probs of logits [R, V] in two passes over V.
 
     logits: fp32, bf16 or fp16 [R, V], unit stride along V. The scores are x = softcap(logits) / temperature.
-    temperature: fp32 device tensor with 1 or R elements (None: 1). Divided, not multiplied, like `logits / temp`.
+    temperature: fp32 device tensor with T elements, T dividing R (1, one per canvas row, or R); None: 1. Rows
+        r*R/T .. (r+1)*R/T - 1 use temperature[r]. Divided, not multiplied, like `logits / temp`.
     seed: int64 device tensor [S], S dividing R: rows r*R/S .. (r+1)*R/S - 1 share key seed[r] (one seed per batch
         row with R = B*C gives noise that does not depend on where the request sits in the batch).
     offset: int64 or int32 device tensor, 1 element or one per seed: the Philox counter (the step). Advance it in
@@ -250,11 +251,12 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, 
         seed = offset = torch.zeros(1, dtype=torch.int64, device=dev)
         group, noise_arg, noise_stride = 1, noise, noise.stride(0)
     if temperature is not None:
-        if temperature.dtype != torch.float32 or temperature.numel() not in (1, R):
-            raise ValueError("temperature must be an fp32 tensor with 1 or R elements")
+        if temperature.dtype != torch.float32 or temperature.numel() == 0 or R % temperature.numel():
+            raise ValueError("temperature must be an fp32 tensor whose length divides R")
         temperature = temperature.reshape(-1)
     temp_arg = temperature if temperature is not None else seed
-    temp_stride = 0 if temperature is None or temperature.numel() == 1 else temperature.stride(0)
+    temp_stride = temperature.stride(0) if temperature is not None else 0
+    temp_group = R // temperature.numel() if temperature is not None else 1
     if split is None:
         split = 1
         if dev.type == "cuda":
@@ -276,11 +278,11 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor | None = None, 
                  N_TILES=chunk // TILE)
     cap = float(softcap) or 1.0
     off_stride = offset.reshape(-1).stride(0) if offset.numel() > 1 else 0
-    _stats_kernel[(R, n_split)](logits, logits.stride(0), temp_arg, temp_stride, cap, seed, offset, off_stride, group,
-                                noise_arg, noise_stride, wf, wi, V, chunk, n_split,
+    _stats_kernel[(R, n_split)](logits, logits.stride(0), temp_arg, temp_stride, temp_group, cap, seed, offset,
+                                off_stride, group, noise_arg, noise_stride, wf, wi, V, chunk, n_split,
                                 HAS_NOISE=noise is not None, Q=NOISE_Q, num_warps=4, **flags)
-    _finish_kernel[(R, n_split)](logits, logits.stride(0), temp_arg, temp_stride, cap, wf, wi, sample, argmax,
-                                 entropy, probs, probs.stride(0), V, chunk, n_split,
+    _finish_kernel[(R, n_split)](logits, logits.stride(0), temp_arg, temp_stride, temp_group, cap, wf, wi, sample,
+                                 argmax, entropy, probs, probs.stride(0), V, chunk, n_split,
                                  SPLIT_P2=triton.next_power_of_2(n_split), BLOCK=TILE, num_warps=8, **flags)
     return sample, argmax, entropy, probs
 
@@ -313,7 +315,7 @@ def reference_sample(logits: torch.Tensor, temperature: torch.Tensor | None, noi
     if softcap:
         x = torch.tanh(x / softcap) * softcap
     if temperature is not None:
-        x = x / temperature.reshape(-1, 1)
+        x = x / temperature.reshape(-1).repeat_interleave(x.shape[0] // temperature.numel())[:, None]
     probs = torch.softmax(x, dim=-1, dtype=torch.float32)
     entropy = torch.distributions.Categorical(logits=x).entropy()
     sc = torch.softmax(x.to(probs_dtype), dim=-1, dtype=torch.float32).to(probs_dtype)
