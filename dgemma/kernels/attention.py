@@ -48,7 +48,7 @@ class Config(NamedTuple):
 # Tile shapes per head dim on CUDA (untuned guesses, H100/H200: the bench's --sweep measures the alternatives).
 # Registers: the fp32 accumulator is BLOCK_M × D (D = 512: 128 KB, so 8 warps); shared memory: K and V tiles of
 # BLOCK_N × D bf16 per pipeline stage.
-CUDA_TILES = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2),
+CUDA_TILES = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (128, 64, 8, 3),
               512: (64, 32, 8, 2)}
 INTERPRET_TILES = (16, 16, 1, 1)
 # A split must carry ~8 key blocks of work to pay for writing and merging its fp32 partial output.
