@@ -6,6 +6,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Without a GPU the Triton kernels run in Triton's interpreter (tests/test_kernel*.py). Set it before anything can
+# import triton: the whole suite imports modules in an order that a per-module setting cannot control.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 

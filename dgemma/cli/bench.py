@@ -44,8 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "eager step; `transformers-eager` = the eager step only")
     p.add_argument("--ar", action="store_true",
                    help="also time greedy autoregressive decoding through the causal encoder (batch 1, CUDA graph)")
-    p.add_argument("--compile", action="store_true",
-                   help="fuse norms and sampler passes with torch.compile (experimental; sets DGEMMA_COMPILE=1)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip torch.compile of the step's blocks (sets DGEMMA_COMPILE=0; compiled is the default)")
+    p.add_argument("--no-triton", dest="triton", action="store_false",
+                   help="skip the Triton kernels (canvas attention, fused MoE; sets DGEMMA_TRITON=0)")
     p.add_argument("--reps", type=_positive, default=10, help="timed repetitions per measurement (default 10)")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown results")
 
@@ -54,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from dgemma import benchmark as bm
     from dgemma.api import LLM, resolve_device, resolve_dtype
 
-    if args.compile:
-        os.environ["DGEMMA_COMPILE"] = "1"
+    os.environ["DGEMMA_COMPILE"] = "1" if args.compile else "0"
+    os.environ["DGEMMA_TRITON"] = "1" if args.triton else "0"
     device = str(resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     dtype = resolve_dtype(args.dtype, torch.device(device))
     if args.model:
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     floor_ms = bm.step_bytes(model) / bandwidth * 1e3
     command = "dgemma bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     common = env | {"precision": str(dtype).removeprefix("torch."), "shape": shape, "command": command,
+                    "compiled": args.compile, "triton": args.triton,
                     "copy_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_step": floor_ms}
     print(f"{env['gpu']} · {common['precision']} · copy bandwidth {bandwidth / 1e9:.0f} GB/s · "
           f"floor {floor_ms:.2f} ms/step", file=sys.stderr)

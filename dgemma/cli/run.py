@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -119,6 +120,8 @@ def _add_sampling(g) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     prompt = _read_prompt(args)
+    # One-shot: skip the ~1 min torch.compile of the CUDA step unless asked for (DGEMMA_COMPILE=1); serve compiles.
+    os.environ.setdefault("DGEMMA_COMPILE", "0")
     llm = LLM(args.model, device=args.device, dtype=args.dtype, lora=args.lora)
     if llm.is_default_model:
         print(f"dgemma: note: {DEMO_NOTE}", file=sys.stderr, flush=True)

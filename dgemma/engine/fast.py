@@ -72,6 +72,22 @@ def use_compiled_sampler(enabled: bool = True) -> None:
     SAMPLER["scores"] = torch.compile(scores, dynamic=False) if enabled else scores
 
 
+def configure_cuda_kernels(device: torch.device) -> None:
+    """On CUDA, pick the step's kernels once per process: the Triton kernels (dgemma/kernels: canvas attention,
+    fused MoE for big passes) unless DGEMMA_TRITON=0, and torch.compile'd blocks (fused norms, feed-forward block,
+    attention projections, sampler passes) unless DGEMMA_COMPILE=0. Compiling costs about a minute at the real
+    shape the first time (inductor caches it on disk); `dgemma run` sets DGEMMA_COMPILE=0 unless you set it."""
+    if device.type != "cuda" or getattr(configure_cuda_kernels, "done", False):
+        return
+    from dgemma.models.diffusion_gemma import use_compiled_kernels, use_triton_kernels
+
+    use_triton_kernels(os.environ.get("DGEMMA_TRITON", "1") != "0")
+    compile_ = os.environ.get("DGEMMA_COMPILE", "1") != "0"
+    use_compiled_kernels(compile_)
+    use_compiled_sampler(compile_)
+    configure_cuda_kernels.done = True
+
+
 class StaticStepper:
     def __init__(self, model, cache: KVCache, params: DiffusionParams, batch: int, generator=None,
                  use_graph: bool | None = None, sample_rows: int | None = None):
@@ -94,11 +110,19 @@ class StaticStepper:
         self.vocab = V
         self.graph: torch.cuda.CUDAGraph | None = None
         self.commit_graph: torch.cuda.CUDAGraph | None = None
-        if os.environ.get("DGEMMA_COMPILE") == "1" and dev.type == "cuda":  # opt-in fused elementwise kernels
-            from dgemma.models.diffusion_gemma import use_compiled_kernels
+        configure_cuda_kernels(dev)
+        # On CUDA with Triton the sampler is one fused kernel with Philox noise keyed by a per-row seed (drawn from
+        # the generator at each canvas start) and a step counter; elsewhere the exponential race in torch.
+        self.fused_sample = None
+        if dev.type == "cuda" and os.environ.get("DGEMMA_TRITON", "1") != "0":
+            from dgemma import kernels
 
-            use_compiled_kernels()
-            use_compiled_sampler()
+            if kernels.available(dev):
+                from dgemma.kernels.sampler import fused_sample
+
+                self.fused_sample = fused_sample
+        self.noise_seed = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.noise_step = torch.zeros(1, dtype=torch.int64, device=dev)
         if use_graph is None:  # fp32 attention takes sdpa's math path, which copies a host scalar: not capturable
             use_graph = dev.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         if use_graph:
@@ -110,6 +134,10 @@ class StaticStepper:
         self.canvas.copy_(torch.randint(0, self.vocab, self.canvas.shape, device=self.canvas.device,
                                         generator=self.generator))
         self.argmax.copy_(self.canvas)
+        if self.fused_sample is not None:
+            self.noise_seed.copy_(torch.randint(0, 2**62, self.noise_seed.shape, device=self.noise_seed.device,
+                                                generator=self.generator))
+            self.noise_step.zero_()  # a canvas's draws depend on its seed and step only
         self.soft.zero_()
         self.done.zero_()
         self.stop.reset()
@@ -138,9 +166,18 @@ class StaticStepper:
         p, model = self.params, self.model
         logits = model.denoise_static(self.canvas, self.dpos, self.cache, self.soft)  # [B, C, V] fp32
         temp = S.temperature(self.cur_step, p.max_denoising_steps, p.t_min, p.t_max, logits.device)
-        B = logits.shape[0]
+        B, C, V = logits.shape
         sampled, new_argmax, accepted, soft, confident = [], [], [], [], []
-        for r in range(0, B, self.sample_rows):  # all exponential draws precede the renoise draw, as upstream
+        if self.fused_sample is not None:  # one Triton kernel reads the logits once (kernels/sampler.py)
+            sample, amax, h, probs = self.fused_sample(logits.view(B * C, V), temp.reshape(1), self.noise_seed,
+                                                       self.noise_step, probs_dtype=self.soft.dtype)
+            self.noise_step.add_(1)  # captured: every replay draws fresh Philox noise
+            h = h.view(B, C)
+            sampled, new_argmax = [sample.view(B, C)], [amax.view(B, C)]
+            accepted, confident = [S.accept_mask(h, p.entropy_bound)], [self.stop.confident(h)]
+            soft = [model.soft_from_probs(probs.view(B, C, V), self.soft.dtype)]
+        for r in range(0, B if self.fused_sample is None else 0, self.sample_rows):
+            # all exponential draws precede the renoise draw, as upstream
             processed = logits[r:r + self.sample_rows] / temp
             race = torch.empty_like(processed).exponential_(generator=self.generator)
             sample, amax, h, probs = SAMPLER["scores"](processed, race, self.soft.dtype)
@@ -222,6 +259,7 @@ class BatchStepper:
         self.buckets = sorted(buckets) if buckets else default_buckets(max_batch)
         assert self.buckets[-1] >= max_batch
         self.views = {n: cache.view(slice(0, n)) for n in self.buckets}
+        configure_cuda_kernels(dev)
         if use_graph is None:  # as StaticStepper: fp32 sdpa's math path is not capturable
             use_graph = dev.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         self.use_graph = use_graph

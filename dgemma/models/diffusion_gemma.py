@@ -30,14 +30,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return out.type_as(x)
 
 
-# Elementwise pieces that `use_compiled_kernels()` may swap for torch.compile'd (fused Triton) versions on GPU.
-KERNELS = {"rms_norm": rms_norm}
+# Pieces the CUDA fast path may swap for faster versions: `use_compiled_kernels()` (torch.compile'd blocks) and
+# `use_triton_kernels()` (dgemma/kernels). The defaults are the reference implementations.
+KERNELS = {"rms_norm": rms_norm, "feed_forward": None, "project": None, "canvas_attention": None, "moe": None}
+MOE_TRITON_MIN_TOKENS = 1024  # the Triton MoE beats grouped_mm from ~2048 tokens (H200); below, grouped_mm
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
-    """Opt-in: fuse each RMSNorm (upcast, square, mean, scale, cast: five kernels) into one with torch.compile.
-    Same math, float results may differ in the last bits. Used by the fast path when DGEMMA_COMPILE=1."""
+    """Fuse the elementwise work with torch.compile: every RMSNorm, the whole feed-forward block (norms, dense MLP,
+    router, the glue around the experts) and the attention projections (q/k/v, their norms, RoPE). Same math; float
+    results may differ in the last bits. The fast path turns it on on CUDA unless DGEMMA_COMPILE=0."""
+    if enabled:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     KERNELS["rms_norm"] = torch.compile(rms_norm, dynamic=False) if enabled else rms_norm
+    KERNELS["feed_forward"] = torch.compile(Layer.feed_forward, dynamic=False) if enabled else None
+    KERNELS["project"] = torch.compile(Attention.project, dynamic=False) if enabled else None
+
+
+def use_triton_kernels(enabled: bool = True) -> None:
+    """The Triton kernels of dgemma/kernels on CUDA: canvas-over-cache attention in the static decoder step, and the
+    fused MoE for passes of >= MOE_TRITON_MIN_TOKENS tokens. Needs triton (a no-op without it)."""
+    from dgemma import kernels
+
+    if not enabled or not kernels.available("cuda"):
+        KERNELS["canvas_attention"] = KERNELS["moe"] = None
+        return
+    from dgemma.kernels.attention import canvas_attention
+    from dgemma.kernels.moe import moe
+
+    KERNELS["canvas_attention"] = torch.compiler.disable(canvas_attention)
+    KERNELS["moe"] = torch.compiler.disable(moe)
 
 
 class RMSNorm(nn.Module):
@@ -117,6 +139,9 @@ class Attention(nn.Module):
         return F.linear(x, proj.weight, bias)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, encoder: bool = False):
+        if KERNELS["project"] is not None and x.is_cuda and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            return KERNELS["project"](self, x, cos, sin, encoder)
         B, T, _ = x.shape
         q = self.q_norm(self.linear("q", x, encoder).view(B, T, self.n_heads, self.head_dim))  # [B, T, H, D]
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
@@ -198,6 +223,12 @@ class Attention(nn.Module):
         cache.k[self.layer_idx][:, :, cap:] = k
         cache.v[self.layer_idx][:, :, cap:] = v
         B, H, T, D = q.shape
+        if KERNELS["canvas_attention"] is not None and q.is_cuda:
+            # Triton flash attention over the occupied slots only (kernels/attention.py): key blocks past the row's
+            # length are skipped, so the step does not pay for the cache's unused capacity.
+            out = KERNELS["canvas_attention"](q, cache.k[self.layer_idx], cache.v[self.layer_idx],
+                                              cache.pos[self.layer_idx], cache.kv_len)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
         # The mask does not depend on the query, so the query heads sharing a KV head can be stacked along the
         # sequence: [B, Hkv, rep*T, D] against K/V [B, Hkv, S, D]. Same math as repeating K/V, without the copy.
         q = q.reshape(B, self.n_kv, (H // self.n_kv) * T, D)
@@ -258,6 +289,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # x [N, hidden], weights/idx [N, k]
         N, k = idx.shape
+        if KERNELS["moe"] is not None and x.is_cuda and N >= MOE_TRITON_MIN_TOKENS and not torch.is_grad_enabled():
+            return KERNELS["moe"](x, weights, idx, self.gate_up_proj, self.down_proj)
         expert_sorted, perm = torch.sort(idx.reshape(-1))  # [N*k]
         xs = x[perm // k]  # [N*k, hidden], grouped by expert
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
@@ -287,9 +320,10 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
 
 
 def _aligned16(*tensors: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned pointers and row strides (true at the real shape; tiny test dims may not be)."""
-    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
-               for t in tensors)
+    """grouped_mm needs 16-byte aligned pointers and row strides (true at the real shape; tiny test dims may not be).
+    Under torch.compile only the strides are checked (fresh and parameter tensors are 256-byte aligned)."""
+    pointers_ok = torch.compiler.is_compiling() or all(t.data_ptr() % 16 == 0 for t in tensors)
+    return pointers_ok and all((s * t.element_size()) % 16 == 0 for t in tensors for s in t.stride()[:-1])
 
 
 class Layer(nn.Module):
@@ -314,6 +348,9 @@ class Layer(nn.Module):
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if KERNELS["feed_forward"] is not None and x.is_cuda and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            return KERNELS["feed_forward"](self, x)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])  # [B*T, hidden]
         weights, idx = self.router(flat)  # the router reads the residual, not the normed input
@@ -446,6 +483,10 @@ class DiffusionGemma(nn.Module):
         """`denoise` with fixed shapes and no host syncs, for CUDA-graph capture (engine/fast.py). Takes the
         self-conditioning soft embeddings [B, C, hidden] directly (zeros on the first step give exactly the same
         result as no self-conditioning) and needs a cache built with `scratch=canvas_length`."""
+        if KERNELS["canvas_attention"] is not None and canvas.is_cuda:
+            from dgemma.kernels.attention import cache_lengths
+
+            cache.kv_len = cache_lengths(cache.pos[0])  # [B] on the device, recomputed at every (graph) replay
         x = self.self_conditioning(self.embed(canvas), soft)
         return self.lm_head(self.run_layers(x, pos, cache, False, static=True))
 
