@@ -33,6 +33,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 # Pieces the CUDA fast path may swap for faster versions: `use_compiled_kernels()` (torch.compile'd blocks) and
 # `use_triton_kernels()` (dgemma/kernels). The defaults are the reference implementations.
 KERNELS = {"rms_norm": rms_norm, "feed_forward": None, "project": None, "canvas_attention": None, "moe": None}
+TRITON_ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256, 512)  # what kernels/attention.py takes (tiny test models: sdpa)
 MOE_TRITON_MIN_TOKENS = 1024  # the Triton MoE beats grouped_mm from ~2048 tokens (H200); below, grouped_mm
 
 
@@ -223,7 +224,7 @@ class Attention(nn.Module):
         cache.k[self.layer_idx][:, :, cap:] = k
         cache.v[self.layer_idx][:, :, cap:] = v
         B, H, T, D = q.shape
-        if KERNELS["canvas_attention"] is not None and q.is_cuda:
+        if KERNELS["canvas_attention"] is not None and q.is_cuda and D in TRITON_ATTENTION_HEAD_DIMS:
             # Triton flash attention over the occupied slots only (kernels/attention.py): key blocks past the row's
             # length are skipped, so the step does not pay for the cache's unused capacity.
             out = KERNELS["canvas_attention"](q, cache.k[self.layer_idx], cache.v[self.layer_idx],
