@@ -150,32 +150,43 @@ def test_cuda_fast_generate_runs(tiny_ckpt, dtype):
 
 
 def test_compiled_kernels_match_eager(tiny_ckpt):
-    """DGEMMA_COMPILE's fused RMSNorm and sampler scores agree with the eager ops (bf16 rounding only)."""
+    """The torch.compile'd blocks (norms, feed-forward block, projections) are no further from the fp32 logits than
+    the eager bf16 ops are (fusion keeps fp32 intermediates, so results differ in the last bits; a random tiny MoE
+    amplifies that through its top-k), and the compiled sampler scores agree with the eager ones on the same logits."""
     from dgemma.engine import fast
     from dgemma.models import diffusion_gemma as dg
 
-    llm = LLM(tiny_ckpt("a"), device="cuda")
+    path = tiny_ckpt("a")
+    llm, llm32 = LLM(path, device="cuda"), LLM(path, device="cuda", dtype="float32")
     args, C, B, L = llm.args, llm.args.canvas_length, 2, 20
-    cache = KVCache(args, B, L + C, "cuda", llm.dtype, scratch=C)
     ids = torch.randint(3, args.vocab_size, (B, L), device="cuda")
     canvas = torch.randint(0, args.vocab_size, (B, C), device="cuda")
-    soft = torch.randn(B, C, args.hidden_size, device="cuda", dtype=llm.dtype)
-    outs = []
+    soft = torch.randn(B, C, args.hidden_size, device="cuda")
+
+    def logits(model, dtype):
+        cache = KVCache(args, B, L + C, "cuda", dtype, scratch=C)
+        with torch.inference_mode():
+            model.encode(ids, torch.arange(L, device="cuda").expand(B, -1), cache)
+            cache.advance(L)
+            return model.denoise_static(canvas, torch.arange(L, L + C, device="cuda")[None], cache, soft.to(dtype))
+    outs, race = [], None
     try:
+        dg.use_compiled_kernels(False)
+        ref = logits(llm32.model, torch.float32)
         for compiled in (False, True):
             dg.use_compiled_kernels(compiled)
             fast.use_compiled_sampler(compiled)
+            lg = logits(llm.model, llm.dtype)
+            if race is None:
+                shared = lg
+                race = torch.empty_like(lg).exponential_(generator=torch.Generator("cuda").manual_seed(0))
             with torch.inference_mode():
-                cache.length = 0
-                llm.model.encode(ids, torch.arange(L, device="cuda").expand(B, -1), cache)
-                cache.advance(L)
-                logits = llm.model.denoise_static(canvas, torch.arange(L, L + C, device="cuda")[None], cache, soft)
-                race = torch.empty_like(logits).exponential_(generator=torch.Generator("cuda").manual_seed(0))
-                outs.append((logits, *fast.SAMPLER["scores"](logits / 0.5, race, llm.dtype)))
+                outs.append((lg, *fast.SAMPLER["scores"](shared / 0.5, race, llm.dtype)))
     finally:
         dg.use_compiled_kernels(False)
         fast.use_compiled_sampler(False)
     (l0, s0, a0, h0, p0), (l1, s1, a1, h1, p1) = outs
-    assert torch.nn.functional.cosine_similarity(l0.flatten(), l1.flatten(), dim=0) > 0.999
-    assert (a0 == a1).float().mean() > 0.98 and (s0 == s1).float().mean() > 0.95
-    assert (h0 - h1).abs().max() < 0.05 * h0.abs().max() + 1e-3
+    err_eager, err_compiled = ((lg.float() - ref).norm() / ref.norm() for lg in (l0, l1))
+    assert err_compiled <= 1.5 * err_eager + 1e-3, (float(err_compiled), float(err_eager))
+    assert (a0 == a1).float().mean() > 0.99 and (s0 == s1).float().mean() > 0.99
+    assert (h0 - h1).abs().max() < 1e-3 * h0.abs().max() + 1e-4
