@@ -243,6 +243,12 @@ def _hf_generation_config(steps: int, **kw):
 
 
 def environment(device: str) -> dict:
+    """GPU, torch and the git commit (DGEMMA_COMMIT overrides it, for runs from an exported source tree)."""
+    import os
+
+    if os.environ.get("DGEMMA_COMMIT"):
+        return {"gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__,
+                "commit": os.environ["DGEMMA_COMMIT"]}
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or None

@@ -5,6 +5,7 @@ set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
+export DGEMMA_COMMIT=${DGEMMA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 B="python3 -m dgemma.cli bench --random-weights --shape 26b-a4b --out $OUT"
 for set in ${BENCH_SETS:-compare sweep long}; do
   case $set in
