@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-encode every prompt instead of reusing a cached prefix of an earlier one")
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the CUDA step's blocks (faster steps; compiles once per batch bucket at "
+                        "start-up, minutes at the real shape; same as DGEMMA_COMPILE=1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
 
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
                          "pip install 'dgemma[serve]'") from e
     from dgemma.api import LLM
 
+    # The measured serving configuration compiles nothing (docs/performance.md); --compile opts in.
+    os.environ["DGEMMA_COMPILE"] = "1" if args.compile else os.environ.get("DGEMMA_COMPILE", "0")
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
     if llm.is_default_model:
         print(f"dgemma: note: {DEMO_NOTE}", file=sys.stderr, flush=True)
