@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: `dgemma bench` sweeps at the real shape (random weights), results and logs under $OUT.
-# BENCH_SETS picks what runs (space-separated): compare sweep long compiled ar
+# BENCH_SETS picks what runs (space-separated): compare sweep long eager ar
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -12,7 +12,7 @@ for set in ${BENCH_SETS:-compare sweep long}; do
     compare)  timeout 560 $B --batch 1 --prompt-len 512 --steps 16 --compare transformers 2>&1 | tee $OUT/compare.log ;;
     sweep)    timeout 400 $B --batch 1 2 4 8 16 --prompt-len 512 --steps 16 48 2>&1 | tee $OUT/sweep.log ;;
     long)     timeout 400 $B --batch 1 8 --prompt-len 4096 32768 --steps 16 2>&1 | tee $OUT/long.log ;;
-    compiled) timeout 400 $B --batch 1 8 16 --prompt-len 512 --steps 16 --compile 2>&1 | tee $OUT/compiled.log ;;
+    eager)    timeout 400 $B --batch 1 8 16 --prompt-len 512 --steps 16 --no-compile --no-triton 2>&1 | tee $OUT/eager.log ;;
     ar)       timeout 200 $B --batch 1 --prompt-len 512 --steps 16 --ar 2>&1 | tee $OUT/ar.log ;;
   esac
 done
