@@ -152,22 +152,29 @@ def evaluate(data: Path, model_dir: Path, ar_dir: Path | None, steps: list[int],
     llm = LLM(model_dir, device="cpu", dtype="float32")
     prompts = [tok.encode(r["prompt"], add_bos=True) for r in rows]
     answers = [tok.encode(r["completion"]) for r in rows]
+    blanks = [[i for i, c in enumerate(r["prompt"].split()[:cells]) if c == "."] for r in rows]
+    n_blank = sum(map(len, blanks))
+
+    def blank_right(outs) -> float:  # the cells the model had to fill (the others are copies of the prompt)
+        return 100 * sum(sum(o[i] == a[i] for i in b if i < len(o)) for o, a, b in zip(outs, answers, blanks)) / n_blank
     print(f"{len(rows)} held-out puzzles ({cells} cells, from solution grids never seen in training)\n")
-    print("| model | max denoising steps | mean steps used | solved | cells right |\n|---|---|---|---|---|")
+    print("| model | max denoising steps | mean steps used | solved | cells right | blank cells right |\n"
+          "|---|---|---|---|---|---|")
     for s in steps:
         outs = llm.generate(prompts, SamplingParams(max_new_tokens=cells + 1, max_denoising_steps=s, seed=0))
         solved = sum(o.token_ids[:cells] == a for o, a in zip(outs, answers))
         right = sum(sum(x == y for x, y in zip(o.token_ids[:cells], a)) for o, a in zip(outs, answers))
         used = sum(o.stats["mean_steps_per_canvas"] for o in outs) / len(outs)
         print(f"| diffusion | {s} | {used:.1f} | {100 * solved / len(rows):.1f}% | "
-              f"{100 * right / (cells * len(rows)):.1f}% |", flush=True)
+              f"{100 * right / (cells * len(rows)):.1f}% | {blank_right([o.token_ids for o in outs]):.1f}% |",
+              flush=True)
     if ar_dir is not None:
         ar = LLM(ar_dir, device="cpu", dtype="float32").model
         outs = [ar_solve(ar, p, cells) for p in prompts]
         solved = sum(o == a for o, a in zip(outs, answers))
         right = sum(sum(x == y for x, y in zip(o, a)) for o, a in zip(outs, answers))
         print(f"| autoregressive (greedy) | {cells} forwards | - | {100 * solved / len(rows):.1f}% | "
-              f"{100 * right / (cells * len(rows)):.1f}% |")
+              f"{100 * right / (cells * len(rows)):.1f}% | {blank_right(outs):.1f}% |")
 
 
 def main() -> None:
