@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -244,18 +245,17 @@ def _hf_generation_config(steps: int, **kw):
 
 def environment(device: str) -> dict:
     """GPU, torch and the git commit (DGEMMA_COMMIT overrides it, for runs from an exported source tree)."""
-    import os
-
-    if os.environ.get("DGEMMA_COMMIT"):
-        return {"gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__,
-                "commit": os.environ["DGEMMA_COMMIT"]}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = os.environ.get("DGEMMA_COMMIT") or _git_commit()
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     return {"gpu": gpu, "torch": torch.__version__, "commit": commit}
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def write_results(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]:

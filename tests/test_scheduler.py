@@ -2,6 +2,7 @@
 at batch 1 whatever shares its batch, queueing, cancellation, prefix reuse, validation, metrics, engine errors.
 GPU-marked tests (CUDA graphs per batch bucket) run on an H100/H200 and are skipped here."""
 
+import contextlib
 import dataclasses
 import queue
 
@@ -66,6 +67,16 @@ def prompts_for(llm, lengths, seed=0):
     return [torch.randint(3, llm.args.vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
+@contextlib.contextmanager
+def running(sched: Scheduler):
+    """The engine thread for the duration of a block, shut down even when the block fails."""
+    sched.start()
+    try:
+        yield sched
+    finally:
+        sched.shutdown()
+
+
 def run(sched, jobs, **submit_kw) -> tuple[dict, Collector]:
     col = Collector()
     ids = [sched.submit(p, params, col.sink, **submit_kw) for p, params in jobs]
@@ -90,11 +101,8 @@ def test_seeded_requests_in_a_mixed_batch_equal_generate_alone(which, request):
         knobs(d, seed=4, max_new_tokens=57, stability_threshold=0, max_denoising_steps=12, t_min=0.0),
     ]))
     sched = Scheduler(llm.model, d, max_batch=4, max_model_len=128)
-    sched.start()
-    try:
+    with running(sched):
         ended, col = run(sched, jobs, drafts=True)
-    finally:
-        sched.shutdown()
     canvases = 0
     for (prompt, params), (rid, fin) in zip(jobs, ended.items()):
         tokens, steps, reason = solo(llm, prompt, params)
@@ -118,11 +126,8 @@ def test_more_requests_than_rows_queue_and_all_complete(tiny_a):
     jobs = [(p, knobs(d, seed=10 + i, max_new_tokens=16 * (1 + i % 3), max_denoising_steps=3 + i))
             for i, p in enumerate(prompts_for(tiny_a, (4, 9, 3, 11, 6), seed=1))]
     sched = Scheduler(tiny_a.model, d, max_batch=2, max_model_len=96, prefix_cache=False)
-    sched.start()
-    try:
+    with running(sched):
         ended, _ = run(sched, jobs)
-    finally:
-        sched.shutdown()
     for (prompt, params), fin in zip(jobs, ended.values()):
         assert fin.token_ids == solo(tiny_a, prompt, params)[0]
     assert max(f.usage["queue_s"] for f in ended.values()) > 0.0
@@ -140,8 +145,7 @@ def test_cancel_frees_the_slot_for_a_queued_request(tiny_a):
     b = sched.submit(short_job, knobs(d, seed=6, max_new_tokens=16), col.sink)
     queued = sched.submit(short_job, knobs(d, seed=7), col.sink)
     sched.cancel(queued)  # cancelled while queued: Finished("cancelled") without running
-    sched.start()
-    try:
+    with running(sched):
         while not isinstance(first := col.next(), Draft):  # a's first draft: a holds the only row, b waits
             pass
         assert first.request_id == a and first.step == 1 and len(first.tokens) == tiny_a.args.canvas_length
@@ -149,8 +153,6 @@ def test_cancel_frees_the_slot_for_a_queued_request(tiny_a):
         sched.cancel(a)
         sched.cancel(a)  # idempotent
         ended = col.wait(3)
-    finally:
-        sched.shutdown()
     assert ended[queued].finish_reason == "cancelled" and ended[queued].usage["steps"] == 0
     assert ended[a].finish_reason == "cancelled" and ended[a].usage["steps"] < 30
     assert ended[b].finish_reason == "length" and ended[b].token_ids == solo(tiny_a, short_job, knobs(
@@ -170,13 +172,10 @@ def test_prefix_reuse_gives_the_same_tokens_and_counts_cached_prompt(which, requ
     outs = []
     for reuse in (True, False):
         sched = Scheduler(llm.model, d, max_batch=2, max_model_len=6 * C, prefix_cache=reuse)
-        sched.start()
-        try:
+        with running(sched):
             first = one(sched, p1, turn1)
             p2 = p1 + first.token_ids + [5, 6, 7]
             second = one(sched, p2, knobs(d, seed=9))
-        finally:
-            sched.shutdown()
         outs.append((first, second, p2))
     (f1, s1, p2), (f2, s2, _) = outs
     assert f1.token_ids == f2.token_ids and s1.token_ids == s2.token_ids
@@ -192,14 +191,11 @@ def test_prefix_reuse_only_when_the_ring_still_holds_the_window(tiny_a):
     d = tiny_a.defaults
     p1 = prompts_for(tiny_a, (12,), seed=4)[0]
     sched = Scheduler(tiny_a.model, d, max_batch=2, max_model_len=128)
-    sched.start()
-    try:
+    with running(sched):
         first = one(sched, p1, knobs(d, seed=1, max_new_tokens=32))
         back = one(sched, p1[:10] + [3], knobs(d, seed=2))
         p3 = p1 + first.token_ids + [4]
         again = one(sched, p3, knobs(d, seed=3))
-    finally:
-        sched.shutdown()
     assert first.usage["canvases"] == 2
     assert back.usage["cached_prompt_tokens"] == 0  # went to the other (least recently used) row
     assert again.usage["cached_prompt_tokens"] == 12 + 16  # the prompt and the encoded first canvas
@@ -244,8 +240,7 @@ def test_metrics_observers_and_engine_errors(tiny_a):
 
     sched.stepper.step = flaky
     p = prompts_for(tiny_a, (6, 8), seed=5)
-    sched.start()
-    try:
+    with running(sched):
         ended, _ = run(sched, [(p[0], knobs(d, seed=1)), (p[1], knobs(d, seed=2))])
         assert all(isinstance(e, Failed) and "boom" in e.message for e in ended.values())
 
@@ -254,8 +249,6 @@ def test_metrics_observers_and_engine_errors(tiny_a):
 
         sched.submit(p[0], knobs(d, seed=3, max_new_tokens=16), bad_sink)
         ended, _ = run(sched, [(p[1], knobs(d, seed=4, max_new_tokens=32))])
-    finally:
-        sched.shutdown()
     fin = list(ended.values())[0]
     assert fin.token_ids == solo(tiny_a, p[1], knobs(d, seed=4, max_new_tokens=32))[0]
     m = sched.metrics()
@@ -280,13 +273,10 @@ def test_cuda_graph_scheduler_is_batch_independent_and_captures_once():
     ps = prompts_for(llm, (13, 5, 20, 9, 30, 3, 70), seed=6)
     jobs = [(p, knobs(d, seed=20 + i, max_new_tokens=64 * (1 + i % 4), max_denoising_steps=4 + i,
                       confidence_threshold=1e-9 if i % 2 else 0.3)) for i, p in enumerate(ps)]
-    sched.start()
-    try:
+    with running(sched):
         first, _ = run(sched, [jobs[0], jobs[1], jobs[2]])  # bucket 4 (3 rows + a frozen padding row)
         second, _ = run(sched, [jobs[0], jobs[3], jobs[4], jobs[5]])  # bucket 4, other mates
         many, _ = run(sched, jobs)  # bucket 8
-    finally:
-        sched.shutdown()
     assert list(first.values())[0].token_ids == list(second.values())[0].token_ids
     assert all(isinstance(f, Finished) and f.usage["completion_tokens"] > 0 for f in many.values())
     assert sched.stepper.graphs == graphs  # no capture per request
@@ -307,11 +297,8 @@ def test_cuda_eager_scheduler_matches_generate():
                 enumerate(prompts_for(llm, (13, 5, 20), seed=7))]
         sched = Scheduler(llm.model, d, max_batch=4, max_model_len=512, fast=False)
         assert not sched.stepper.use_graph
-        sched.start()
-        try:
+        with running(sched):
             ended, _ = run(sched, jobs)
-        finally:
-            sched.shutdown()
         for (prompt, params), fin in zip(jobs, ended.values()):
             out = list(generate(llm.model, [prompt], params, fast=True, drafts=False,
                                 generator=torch.Generator(device="cuda").manual_seed(params.seed)))[-1]

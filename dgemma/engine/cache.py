@@ -37,6 +37,9 @@ class KVCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.pos: list[torch.Tensor] = []
+        # [B] occupied length per row (max position + 1), set on the device by each static decoder step for the
+        # Triton attention kernel, which skips the slots past it; None until then.
+        self.kv_len: torch.Tensor | None = None
         for i in range(args.num_hidden_layers):
             shape = args.layer_shape(i)
             cap = min(args.sliding_window - 1, max_len) if shape.sliding else max_len
@@ -50,6 +53,7 @@ class KVCache:
         """A KVCache over rows `rows` of this one, sharing storage (writes land in place), with its own `length`."""
         out = object.__new__(KVCache)
         out.max_len, out.length, out.scratch, out.capacity = self.max_len, length, self.scratch, self.capacity
+        out.kv_len = None
         out.k, out.v, out.pos = ([t[rows] for t in ts] for ts in (self.k, self.v, self.pos))
         out.batch = out.pos[0].shape[0]
         return out

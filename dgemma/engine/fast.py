@@ -47,7 +47,9 @@ def scores(processed: torch.Tensor, race: torch.Tensor, sc_dtype: torch.dtype):
     return (probs / race).argmax(dim=-1), processed.argmax(dim=-1), S.entropy(processed), sc_probs
 
 
-SAMPLER = {"scores": scores}
+# "scores": the torch sampler passes (torch.compile'd with DGEMMA_COMPILE); "fused_sample": the Triton sampler
+# (kernels/sampler.py) that `configure_cuda_kernels` installs on CUDA, None elsewhere.
+SAMPLER = {"scores": scores, "fused_sample": None}
 
 
 def capture_graph(fn, pool=None, generators=()) -> torch.cuda.CUDAGraph:
@@ -79,9 +81,15 @@ def configure_cuda_kernels(device: torch.device) -> None:
     shape the first time (inductor caches it on disk); `dgemma run` sets DGEMMA_COMPILE=0 unless you set it."""
     if device.type != "cuda" or getattr(configure_cuda_kernels, "done", False):
         return
+    from dgemma.kernels import available as kernels_available
     from dgemma.models.diffusion_gemma import use_compiled_kernels, use_triton_kernels
 
-    use_triton_kernels(os.environ.get("DGEMMA_TRITON", "1") != "0")
+    triton_ = os.environ.get("DGEMMA_TRITON", "1") != "0"
+    use_triton_kernels(triton_)
+    if triton_ and kernels_available(device):
+        from dgemma.kernels.sampler import fused_sample
+
+        SAMPLER["fused_sample"] = fused_sample
     compile_ = os.environ.get("DGEMMA_COMPILE", "1") != "0"
     use_compiled_kernels(compile_)
     use_compiled_sampler(compile_)
@@ -113,14 +121,7 @@ class StaticStepper:
         configure_cuda_kernels(dev)
         # On CUDA with Triton the sampler is one fused kernel with Philox noise keyed by a per-row seed (drawn from
         # the generator at each canvas start) and a step counter; elsewhere the exponential race in torch.
-        self.fused_sample = None
-        if dev.type == "cuda" and os.environ.get("DGEMMA_TRITON", "1") != "0":
-            from dgemma import kernels
-
-            if kernels.available(dev):
-                from dgemma.kernels.sampler import fused_sample
-
-                self.fused_sample = fused_sample
+        self.fused_sample = SAMPLER["fused_sample"] if dev.type == "cuda" else None
         self.noise_seed = torch.zeros(B, dtype=torch.int64, device=dev)
         self.noise_step = torch.zeros(1, dtype=torch.int64, device=dev)
         if use_graph is None:  # fp32 attention takes sdpa's math path, which copies a host scalar: not capturable
@@ -166,38 +167,42 @@ class StaticStepper:
         p, model = self.params, self.model
         logits = model.denoise_static(self.canvas, self.dpos, self.cache, self.soft)  # [B, C, V] fp32
         temp = S.temperature(self.cur_step, p.max_denoising_steps, p.t_min, p.t_max, logits.device)
+        if self.fused_sample is not None:
+            sampled, new_argmax, accepted, confident, soft = self._sample_fused(logits, temp)
+        else:
+            sampled, new_argmax, accepted, confident, soft = self._sample_torch(logits, temp)
+        new_canvas = torch.where(accepted, sampled, self.canvas)
+        noise = torch.randint(0, self.vocab, self.canvas.shape, device=self.canvas.device, generator=self.generator)
+        new_canvas = torch.where(~accepted, noise, new_canvas)
+        done = self.done[:, None]
+        new_argmax = torch.where(done, self.argmax, new_argmax)
+        stop = self.stop.stable(new_argmax) & confident
+        self.canvas.copy_(torch.where(done, self.canvas, new_canvas))
+        self.argmax.copy_(new_argmax)
+        self.soft.copy_(torch.where(done[..., None], self.soft, soft))
+        self.accepted.copy_(accepted)
+        self.done.copy_(self.done | stop)
+
+    def _sample_fused(self, logits: torch.Tensor, temp: torch.Tensor):
+        """The Triton sampler: one read of the logits; → sampled, argmax, accepted, confident [B, C]/[B], soft."""
         B, C, V = logits.shape
-        sampled, new_argmax, accepted, soft, confident = [], [], [], [], []
-        if self.fused_sample is not None:  # one Triton kernel reads the logits once (kernels/sampler.py)
-            sample, amax, h, probs = self.fused_sample(logits.view(B * C, V), temp.reshape(1), self.noise_seed,
-                                                       self.noise_step, probs_dtype=self.soft.dtype)
-            self.noise_step.add_(1)  # captured: every replay draws fresh Philox noise
-            h = h.view(B, C)
-            sampled, new_argmax = [sample.view(B, C)], [amax.view(B, C)]
-            accepted, confident = [S.accept_mask(h, p.entropy_bound)], [self.stop.confident(h)]
-            soft = [model.soft_from_probs(probs.view(B, C, V), self.soft.dtype)]
-        for r in range(0, B if self.fused_sample is None else 0, self.sample_rows):
-            # all exponential draws precede the renoise draw, as upstream
+        sample, amax, h, probs = self.fused_sample(logits.view(B * C, V), temp.reshape(1), self.noise_seed,
+                                                   self.noise_step, probs_dtype=self.soft.dtype)
+        self.noise_step.add_(1)  # captured: every replay draws fresh Philox noise
+        h = h.view(B, C)
+        return (sample.view(B, C), amax.view(B, C), S.accept_mask(h, self.params.entropy_bound),
+                self.stop.confident(h), self.model.soft_from_probs(probs.view(B, C, V), self.soft.dtype))
+
+    def _sample_torch(self, logits: torch.Tensor, temp: torch.Tensor):
+        """The torch sampler over row chunks; all exponential draws precede the renoise draw, as upstream."""
+        parts = []
+        for r in range(0, logits.shape[0], self.sample_rows):
             processed = logits[r:r + self.sample_rows] / temp
             race = torch.empty_like(processed).exponential_(generator=self.generator)
             sample, amax, h, probs = SAMPLER["scores"](processed, race, self.soft.dtype)
-            sampled.append(sample)
-            new_argmax.append(amax)
-            accepted.append(S.accept_mask(h, p.entropy_bound))
-            confident.append(self.stop.confident(h))
-            soft.append(model.soft_from_probs(probs, self.soft.dtype))
-        accepted_t = torch.cat(accepted)
-        new_canvas = torch.where(accepted_t, torch.cat(sampled), self.canvas)
-        noise = torch.randint(0, self.vocab, self.canvas.shape, device=self.canvas.device, generator=self.generator)
-        new_canvas = torch.where(~accepted_t, noise, new_canvas)
-        done = self.done[:, None]
-        new_argmax_t = torch.where(done, self.argmax, torch.cat(new_argmax))
-        stop = self.stop.stable(new_argmax_t) & torch.cat(confident)
-        self.canvas.copy_(torch.where(done, self.canvas, new_canvas))
-        self.argmax.copy_(new_argmax_t)
-        self.soft.copy_(torch.where(done[..., None], self.soft, torch.cat(soft)))
-        self.accepted.copy_(accepted_t)
-        self.done.copy_(self.done | stop)
+            parts.append((sample, amax, S.accept_mask(h, self.params.entropy_bound), self.stop.confident(h),
+                          self.model.soft_from_probs(probs, self.soft.dtype)))
+        return tuple(torch.cat(t) for t in zip(*parts))
 
     def _capture(self) -> None:
         """Capture one step and one commit pass. Runs before the prefill: the warm-up commits write junk slots,

@@ -32,7 +32,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 # Pieces the CUDA fast path may swap for faster versions: `use_compiled_kernels()` (torch.compile'd blocks) and
 # `use_triton_kernels()` (dgemma/kernels). The defaults are the reference implementations.
-KERNELS = {"rms_norm": rms_norm, "feed_forward": None, "project": None, "canvas_attention": None, "moe": None}
+KERNELS = {"rms_norm": rms_norm, "feed_forward": None, "project": None, "canvas_attention": None,
+           "cache_lengths": None, "moe": None}
 TRITON_ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256, 512)  # what kernels/attention.py takes (tiny test models: sdpa)
 MOE_TRITON_MIN_TOKENS = 1024  # the Triton MoE beats grouped_mm from ~2048 tokens (H200); below, grouped_mm
 
@@ -54,12 +55,13 @@ def use_triton_kernels(enabled: bool = True) -> None:
     from dgemma import kernels
 
     if not enabled or not kernels.available("cuda"):
-        KERNELS["canvas_attention"] = KERNELS["moe"] = None
+        KERNELS["canvas_attention"] = KERNELS["cache_lengths"] = KERNELS["moe"] = None
         return
-    from dgemma.kernels.attention import canvas_attention
+    from dgemma.kernels.attention import cache_lengths, canvas_attention
     from dgemma.kernels.moe import moe
 
     KERNELS["canvas_attention"] = torch.compiler.disable(canvas_attention)
+    KERNELS["cache_lengths"] = cache_lengths
     KERNELS["moe"] = torch.compiler.disable(moe)
 
 
@@ -485,9 +487,7 @@ class DiffusionGemma(nn.Module):
         self-conditioning soft embeddings [B, C, hidden] directly (zeros on the first step give exactly the same
         result as no self-conditioning) and needs a cache built with `scratch=canvas_length`."""
         if KERNELS["canvas_attention"] is not None and canvas.is_cuda:
-            from dgemma.kernels.attention import cache_lengths
-
-            cache.kv_len = cache_lengths(cache.pos[0])  # [B] on the device, recomputed at every (graph) replay
+            cache.kv_len = KERNELS["cache_lengths"](cache.pos[0])  # [B] on the device, recomputed at every replay
         x = self.self_conditioning(self.embed(canvas), soft)
         return self.lm_head(self.run_layers(x, pos, cache, False, static=True))
 

@@ -211,10 +211,40 @@ def _draft_json(d: DraftUpdate) -> dict:
             "limit": d.limit}
 
 
-class _ChatFormat:
+class _Format:
+    """The OpenAI response envelope shared by both endpoints: id, object, created, model; `choice` is the one
+    choice of a streamed chunk (its delta or text), `whole` the non-streamed body."""
+
+    id_prefix, chunk_object, whole_object = "", "", ""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.id, self.created = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    def envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def chunk(self, piece, finish_reason: str | None, include_usage: bool) -> dict:
+        out = self.envelope(self.chunk_object, [{"index": 0, **self.choice(piece), "logprobs": None,
+                                                 "finish_reason": finish_reason}])
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return self.envelope(self.chunk_object, []) | {"usage": usage}
+
+    def whole(self, done: Done) -> dict:
+        choice = {"index": 0, **self.whole_choice(done), "logprobs": None, "finish_reason": done.finish_reason}
+        return self.envelope(self.whole_object, [choice]) | {"usage": done.usage}
+
+
+class _ChatFormat(_Format):
+    id_prefix, chunk_object, whole_object = "chatcmpl", "chat.completion.chunk", "chat.completion"
+
     def __init__(self, model: str, thinking: bool):
-        self.model, self.thinking = model, thinking
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        super().__init__(model)
+        self.thinking = thinking
 
     def opening(self) -> dict:
         return {"role": "assistant", "content": ""}
@@ -230,30 +260,18 @@ class _ChatFormat:
     def closing(self) -> dict:
         return {}
 
-    def chunk(self, delta: dict, finish_reason: str | None, include_usage: bool) -> dict:
-        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        if include_usage:
-            out["usage"] = None
-        return out
+    def choice(self, delta: dict) -> dict:
+        return {"delta": delta}
 
-    def usage_chunk(self, usage: dict) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage}
-
-    def whole(self, done: Done) -> dict:
+    def whole_choice(self, done: Done) -> dict:
         message = {"role": "assistant", "content": done.content}
         if self.thinking:
             message["reasoning_content"] = done.reasoning
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": done.finish_reason}],
-                "usage": done.usage}
+        return {"message": message}
 
 
-class _CompletionFormat:
-    def __init__(self, model: str):
-        self.model = model
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+class _CompletionFormat(_Format):
+    id_prefix, chunk_object, whole_object = "cmpl", "text_completion", "text_completion"
 
     def opening(self) -> str:
         return ""
@@ -264,21 +282,11 @@ class _CompletionFormat:
     def closing(self) -> str:
         return ""
 
-    def chunk(self, text: str, finish_reason: str | None, include_usage: bool) -> dict:
-        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-               "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
-        if include_usage:
-            out["usage"] = None
-        return out
+    def choice(self, text: str) -> dict:
+        return {"text": text}
 
-    def usage_chunk(self, usage: dict) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage}
-
-    def whole(self, done: Done) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": done.content, "logprobs": None,
-                             "finish_reason": done.finish_reason}], "usage": done.usage}
+    def whole_choice(self, done: Done) -> dict:
+        return {"text": done.content}
 
 
 # --- errors -------------------------------------------------------------------------------------------------------
