@@ -22,20 +22,13 @@ Notable choices:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from dgemma.kernels.fmath import MODES, round_to, tanh
-
-
-def _configs(warps_stages):
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for n in (64, 128) for k in (64, 128) for w, s in warps_stages]
-
-
-CONFIGS = _configs([(4, 3), (4, 4), (8, 3)])
-DEFAULT = {"BLOCK_N": 32, "BLOCK_K": 32}  # the interpreter's tile (no autotuning there)
 
 
 @triton.jit
@@ -110,27 +103,81 @@ def _down_kernel(act_ptr, w_ptr, slots_ptr, block_expert_ptr, rw_ptr, out_ptr, P
         tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_o + n[None, :], y, mask=mask)
 
 
-_TUNED: dict[str, object] = {}
+@triton.jit
+def _align_kernel(idx_ptr, slots_ptr, block_expert_ptr, E,
+                  P: tl.constexpr, N_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                  CHUNK: tl.constexpr, TILE_CHUNK: tl.constexpr):
+    """`align_reference` in one program: per-expert counts, padded tile ranges, the tile → expert table, and each
+    pair's slot = its expert's first padded row + its rank among the earlier pairs of that expert (a stable
+    counting sort: the same slots as the reference's stable sort)."""
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for p0 in range(0, P, CHUNK):
+        p = p0 + tl.arange(0, CHUNK)
+        e = tl.load(idx_ptr + p, mask=p < P, other=E_PAD).to(tl.int32)  # E_PAD matches no expert
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    for b0 in range(0, N_BLOCKS, TILE_CHUNK):  # expert of each tile = experts whose padded run ends at or before it
+        b = b0 + tl.arange(0, TILE_CHUNK)
+        before = tl.sum((pad_end[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.minimum(before, E), mask=b < N_BLOCKS)
+        rows = b[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]  # every row reads as padding (pair P) ...
+        tl.store(slots_ptr + rows, tl.full([TILE_CHUNK, BLOCK_M], P, tl.int32), mask=(b < N_BLOCKS)[:, None])
+    tl.debug_barrier()  # ... until the pairs below take their rows (other threads may store to the same slots)
+    running = pad_start
+    for p0 in range(0, P, CHUNK):
+        p = p0 + tl.arange(0, CHUNK)
+        e = tl.load(idx_ptr + p, mask=p < P, other=E_PAD).to(tl.int32)
+        hit = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E_PAD] one-hot
+        rank = tl.cumsum(hit, axis=0) - hit  # earlier pairs of the same expert inside the chunk
+        slot = tl.sum(hit * (rank + running[None, :]), axis=1)
+        tl.store(slots_ptr + slot, p, mask=p < P)
+        running += tl.sum(hit, axis=0)
 
 
-def _kernel(name: str, fn, device: torch.device):
-    """The autotuned kernel on CUDA; the plain one (fixed DEFAULT tile) under the interpreter."""
-    if device.type != "cuda":
-        return fn, DEFAULT
-    if name not in _TUNED:
-        # reset_to_zero: tuning runs the kernel several times, and the atomic variant accumulates into out.
-        reset = ["out_ptr"] if name == "down" else None
-        _TUNED[name] = triton.autotune(CONFIGS, key=["I", "H", "BLOCK_M"], reset_to_zero=reset)(fn)
-    return _TUNED[name], {}
+@triton.jit
+def _sum_k_kernel(y_ptr, out_ptr, H: tl.constexpr, TOP_K: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = Σ_j y[t·k + j] in fp32, j in order (as `.view(N, k, H).sum(1)`), cast once to out's dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(TOP_K):
+        acc += tl.load(y_ptr + (t * TOP_K + j) * H + cols, mask=cols < H, other=0.0)
+    tl.store(out_ptr + t * H + cols, round_to(acc, MODE).to(out_ptr.dtype.element_ty), mask=cols < H)
+
+
+class Tile(NamedTuple):
+    """One GEMM's launch: BLOCK_N, BLOCK_K, warps, pipeline stages."""
+    n: int
+    k: int
+    warps: int
+    stages: int
+
+
+# CUDA tiles per BLOCK_M: (gate_up, down). Chosen by scripts/gpu_moe_bench.py on an H200 at the real 26B-A4B shape
+# (H 2816, I 704, 128 experts, top 8); see benchmarks/results/moe_tiles_h200.txt. Other shapes use them as well.
+CUDA_TILES = {16: (Tile(64, 128, 4, 4), Tile(64, 128, 4, 4)),
+              32: (Tile(64, 128, 4, 4), Tile(64, 128, 4, 4)),
+              64: (Tile(64, 64, 4, 4), Tile(64, 64, 4, 4)),
+              128: (Tile(128, 64, 8, 3), Tile(128, 64, 8, 3))}
+INTERPRET_TILE = Tile(32, 32, 1, 1)
+ALIGN_KERNEL_MAX_PAIRS = 8192  # the one-program routing kernel beats torch's sort up to here (batch <= 4)
 
 
 def block_m_for(pairs: int, num_experts: int) -> int:
     """M-tile height from the mean rows per expert (16 at batch 1: 256 tokens × 8 / 128 experts)."""
     mean = pairs / num_experts
-    return 16 if mean <= 24 else 32 if mean <= 48 else 64
+    return 16 if mean <= 24 else 32 if mean <= 48 else 64 if mean <= 128 else 128
 
 
-def align(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def n_blocks_for(pairs: int, num_experts: int, block_m: int) -> int:
+    """Static upper bound on Σ_e ceil(count_e / block_m): the grid of every kernel here."""
+    return triton.cdiv(pairs, block_m) + min(num_experts, pairs)
+
+
+def align_reference(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Device-side routing tables for idx [N, k] (no host sync).
     Returns slots [n_blocks * block_m] (pair id = token * k + j per padded row, P = N*k marks padding) and
     block_expert [n_blocks] (the expert of each M-tile; num_experts past the last tile)."""
@@ -142,18 +189,38 @@ def align(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
     pad_end = torch.cumsum(padded, 0)
     start = torch.cumsum(counts, 0) - counts
     pos = (pad_end - padded)[expert] + torch.arange(P, device=idx.device) - start[expert]
-    n_blocks = triton.cdiv(P, block_m) + E  # upper bound on Σ ceil(count_e / block_m)
-    slots = torch.full((n_blocks * block_m,), P, dtype=torch.int64, device=idx.device)
-    slots[pos] = perm
+    n_blocks = n_blocks_for(P, E, block_m)
+    slots = torch.full((n_blocks * block_m,), P, dtype=torch.int32, device=idx.device)
+    slots[pos] = perm.to(torch.int32)
     tile_start = torch.arange(n_blocks, device=idx.device) * block_m
     block_expert = torch.searchsorted(pad_end, tile_start, right=True).to(torch.int32)
     return slots, block_expert
 
 
+def align(idx: torch.Tensor, num_experts: int, block_m: int, kernel: bool | None = None):
+    """`align_reference`'s tables; up to ALIGN_KERNEL_MAX_PAIRS pairs from one Triton program (one launch instead
+    of a radix sort and ~10 small kernels), beyond that (or with kernel=False) from torch."""
+    P, E = idx.numel(), num_experts
+    if kernel is None:
+        kernel = P <= ALIGN_KERNEL_MAX_PAIRS
+    if not kernel:
+        return align_reference(idx, E, block_m)
+    n_blocks = n_blocks_for(P, E, block_m)
+    slots = torch.empty(n_blocks * block_m, dtype=torch.int32, device=idx.device)
+    block_expert = torch.empty(n_blocks, dtype=torch.int32, device=idx.device)
+    e_pad = triton.next_power_of_2(E)
+    chunk = max(1, min(triton.next_power_of_2(P), 8192 // e_pad))  # a [chunk, E] one-hot of <= 8K elements
+    _align_kernel[(1,)](idx.reshape(-1), slots, block_expert, E, P=P, N_BLOCKS=n_blocks, BLOCK_M=block_m,
+                        E_PAD=e_pad, CHUNK=chunk, TILE_CHUNK=64, num_warps=8 if idx.is_cuda else 1)
+    return slots, block_expert
+
+
 def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-        atomic: bool = False) -> torch.Tensor:
+        atomic: bool = False, block_m: int | None = None,
+        tiles: tuple[Tile, Tile] | None = None) -> torch.Tensor:
     """Routed experts: x [N, H] (model dtype), router weights [N, k] fp32 and indices [N, k], gate_up [E, 2I, H]
-    (gate rows first), down [E, H, I] → [N, H] in x's dtype. Drop-in for `Experts.forward(x, weights, idx)`."""
+    (gate rows first), down [E, H, I] → [N, H] in x's dtype. Drop-in for `Experts.forward(x, weights, idx)`.
+    `block_m` and `tiles` (gate_up, down) override the defaults (the tile benchmark uses them)."""
     N, H = x.shape
     E, two_i, _ = gate_up.shape
     I, k = two_i // 2, idx.shape[1]
@@ -164,23 +231,52 @@ def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torc
     if x.stride(1) != 1 or gate_up.stride(2) != 1 or down.stride(2) != 1:
         raise ValueError("moe: x and the expert weights need unit stride along their last dim")
     P = N * k
-    bm = block_m_for(P, E)
+    bm = block_m or block_m_for(P, E)
+    cuda = x.device.type == "cuda"
+    t_gu, t_down = tiles or (CUDA_TILES[bm] if cuda else (INTERPRET_TILE, INTERPRET_TILE))
     slots, block_expert = align(idx, E, bm)
-    n_blocks = block_expert.numel()
+    act = gate_up_launch(x, gate_up, slots, block_expert, k, bm, t_gu)
+    out = down_launch(act, down, slots, block_expert, weights, N, bm, t_down, atomic)
+    if atomic:
+        return out.to(x.dtype)
+    return sum_k(out, N, k, x.dtype)
+
+
+def gate_up_launch(x, gate_up, slots, block_expert, k: int, bm: int, tile: Tile) -> torch.Tensor:
+    """act [n_blocks·bm, I] (x's dtype) = gelu(x_t Wg_eᵀ) · (x_t Wu_eᵀ) for every routed pair, in slot order."""
+    N, H = x.shape
+    E, two_i, _ = gate_up.shape
+    I, n_blocks = two_i // 2, block_expert.numel()
     act = torch.empty(n_blocks * bm, I, dtype=x.dtype, device=x.device)
-    rw = weights.reshape(-1).float()
-    common = dict(TOP_K=k, MODE=MODES[x.dtype], UPCAST=x.device.type != "cuda", BLOCK_M=bm)
-    kern, meta = _kernel("gate_up", _gate_up_kernel, x.device)
-    kern[lambda m: (n_blocks, triton.cdiv(I, m["BLOCK_N"]))](
-        x, gate_up, slots, block_expert, act, P, E, x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0),
-        I=I, H=H, **common, **meta)
-    out = torch.zeros(N, H, dtype=torch.float32, device=x.device) if atomic else \
-        torch.empty(P, H, dtype=torch.float32, device=x.device)
-    kern, meta = _kernel("down", _down_kernel, x.device)
-    kern[lambda m: (n_blocks, triton.cdiv(H, m["BLOCK_N"]))](
-        act, down, slots, block_expert, rw, out, P, E, act.stride(0), down.stride(0), down.stride(1), out.stride(0),
-        I=I, H=H, ATOMIC=atomic, **common, **meta)
-    return (out if atomic else out.view(N, k, H).sum(dim=1)).to(x.dtype)
+    _gate_up_kernel[(n_blocks, triton.cdiv(I, tile.n))](
+        x, gate_up, slots, block_expert, act, N * k, E, x.stride(0), gate_up.stride(0), gate_up.stride(1),
+        act.stride(0), I=I, H=H, TOP_K=k, MODE=MODES[x.dtype], UPCAST=x.device.type != "cuda", BLOCK_M=bm,
+        BLOCK_N=tile.n, BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages)
+    return act
+
+
+def down_launch(act, down, slots, block_expert, weights, N: int, bm: int, tile: Tile, atomic: bool = False):
+    """fp32 w_p · (act_p Wd_eᵀ): rows in pair order [N·k, H], or (atomic) summed per token into [N, H]."""
+    E, H, I = down.shape
+    k, n_blocks = weights.shape[1], block_expert.numel()
+    out = torch.zeros(N, H, dtype=torch.float32, device=act.device) if atomic else \
+        torch.empty(N * k, H, dtype=torch.float32, device=act.device)
+    _down_kernel[(n_blocks, triton.cdiv(H, tile.n))](
+        act, down, slots, block_expert, weights.reshape(-1).float(), out, N * k, E, act.stride(0), down.stride(0),
+        down.stride(1), out.stride(0), I=I, H=H, TOP_K=k, MODE=MODES[act.dtype], ATOMIC=atomic,
+        UPCAST=act.device.type != "cuda", BLOCK_M=bm, BLOCK_N=tile.n, BLOCK_K=tile.k, num_warps=tile.warps,
+        num_stages=tile.stages)
+    return out
+
+
+def sum_k(y: torch.Tensor, N: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N·k, H] fp32 rows in pair order → [N, H] in `dtype`, summing each token's k rows in order."""
+    H = y.shape[1]
+    res = torch.empty(N, H, dtype=dtype, device=y.device)
+    block = min(1024, triton.next_power_of_2(H))
+    _sum_k_kernel[(N, triton.cdiv(H, block))](y, res, H=H, TOP_K=k, MODE=MODES[dtype], BLOCK=block,
+                                               num_warps=4 if y.is_cuda else 1)
+    return res
 
 
 def reference_moe(x, weights, idx, gate_up, down) -> torch.Tensor:
