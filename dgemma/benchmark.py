@@ -3,10 +3,15 @@
 What it measures, per (precision, batch, prompt length, steps):
 - `ttft_ms`: the prefill (encoder over the prompt), i.e. time to the first canvas' first step;
 - `ms_per_step`: one denoising step (decoder pass + sampling) of the fast path (CUDA graph) or the reference path;
-- `ms_per_commit`: the encoder pass over one committed canvas;
+- `ms_first_step` (fast path): a canvas's first step with the previous canvas's commit pass folded in (one forward
+  over both canvases, as `generate` runs it); None on the reference path, which has no fold;
+- `ms_per_commit`: what committing a canvas adds per canvas: on the fast path the fold's marginal cost
+  (`ms_first_step - ms_per_step`), on the reference path the separate encoder pass;
+- `ms_commit_pass`: the separate encoder pass over one committed canvas (`commit`, what the fold replaces);
 - `floor_ms_per_step`: bytes a step must read (every text weight: 256 tokens × top-k touch all experts; the
   embedding twice, as LM head and as self-conditioning table) / copy bandwidth measured in the same run;
-- tokens/s = batch × canvas / (steps × step + commit), with and without the prefill (one canvas per request);
+- tokens/s = batch × canvas / per-canvas time, with and without the prefill (one canvas per request); per canvas:
+  (steps - 1) × step + first step on the fast path, steps × step + commit pass on the reference path;
 - `transformers_ms_per_step` (optional): transformers 5.23.0 on the same weights (aliased, not copied), same prompt
   and steps, in the same process: its fastest path, `generate` with a static cache and torch.compile (per step =
   the difference between runs of 2N and N steps, so prefill and set-up cancel out), and its eager step.
@@ -134,9 +139,16 @@ def measure(model: DiffusionGemma, cfg: Config, device: str, reps: int = 10) -> 
         stepper.start_canvas(pos[L:L + C][None])
         counter = iter(range(10**9))
         ms_step = time_ms(lambda: stepper.step(cfg.steps - next(counter) % cfg.steps), device, reps=reps * 2)
-    per_canvas_ms = cfg.steps * ms_step + ms_commit
+        ms_first = None
+        if cfg.fast:  # generate's first step of a canvas: the same commit, folded into the step's forward
+            def first_step():
+                stepper.fold_commit(canvas, pos[L:L + C].expand(B, -1))
+                stepper.step(cfg.steps)
+            ms_first = time_ms(first_step, device, reps=reps)
+    per_canvas_ms = (cfg.steps - 1) * ms_step + ms_first if cfg.fast else cfg.steps * ms_step + ms_commit
     return {"batch": B, "prompt_len": L, "steps": cfg.steps, "path": "fast" if cfg.fast else "reference",
-            "ttft_ms": ttft, "ms_per_step": ms_step, "ms_per_commit": ms_commit,
+            "ttft_ms": ttft, "ms_per_step": ms_step, "ms_first_step": ms_first,
+            "ms_per_commit": ms_first - ms_step if cfg.fast else ms_commit, "ms_commit_pass": ms_commit,
             "tok_s_excl_prefill": B * C / (per_canvas_ms / 1e3),
             "tok_s_incl_prefill": B * C / ((ttft + per_canvas_ms) / 1e3),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None}
@@ -263,8 +275,8 @@ def write_results(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Pat
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(rows, indent=2) + "\n")
     cols = ["gpu", "precision", "shape", "path", "batch", "prompt_len", "steps", "ms_per_step", "floor_ms_per_step",
-            "ms_per_commit", "ttft_ms", "tok_s_excl_prefill", "tok_s_incl_prefill", "transformers_ms_per_step",
-            "peak_mem_gb", "ar_tok_s"]
+            "ms_first_step", "ms_per_commit", "ms_commit_pass", "ttft_ms", "tok_s_excl_prefill", "tok_s_incl_prefill",
+            "transformers_ms_per_step", "peak_mem_gb", "ar_tok_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")

@@ -1,7 +1,12 @@
-"""Where the time of one denoising step goes: torch.profiler over the static step (eager, so kernels are
-attributed), real shape, random weights. Usage: python scripts/gpu_profile_step.py [--batch 1] [--prompt-len 512]"""
+"""Where the time of one denoising step goes: torch.profiler over the static step, real shape, random weights, with
+the kernels `configure_cuda_kernels` picks (Triton, and torch.compile unless DGEMMA_COMPILE=0). Steps run eagerly
+so each kernel is attributed; the summary counts kernels per step (a CUDA graph replays the same kernels with less
+launch overhead, so GPU time here is close to a replay's).
+
+Usage: python scripts/gpu_profile_step.py [--batch 1] [--prompt-len 512] [--out profile.txt]"""
 
 import argparse
+import collections
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -11,28 +16,24 @@ from dgemma.config import DiffusionParams
 from dgemma.engine.cache import KVCache
 from dgemma.engine.fast import StaticStepper
 
+# kernel-name fragments → category, first match wins
+CATEGORIES = [("moe (triton)", ("_gate_up_kernel", "_down_kernel", "_align_kernel", "_sum_k_kernel")),
+              ("attention (triton)", ("_canvas_attn", "_merge_kernel")),
+              ("sampler (triton)", ("_sample", "sampler")),
+              ("gemm (cuBLAS/cutlass)", ("nvjet", "gemm", "cutlass", "sm90_xmma", "grouped")),
+              ("sdpa", ("fmha", "flash", "cudnn")),
+              ("inductor fused", ("triton_",)),
+              ("copies", ("copy", "Memcpy", "memcpy")),
+              ("other aten", ("",))]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--blocks", action="store_true",
-                    help="torch.compile the feed-forward block and the attention projections, plus DGEMMA_COMPILE=1 "
-                         "(what scripts/gpu_compile_experiment.py calls the `blocks` variant)")
     a = ap.parse_args()
-    if a.blocks:
-        import os
-
-        import torch.nn.functional as F
-
-        from dgemma.models import diffusion_gemma as dg
-
-        os.environ["DGEMMA_COMPILE"] = "1"
-        torch._dynamo.config.cache_size_limit = 64
-        dg.grouped_linear = lambda x, w, offs: F.grouped_mm(x.to(w.dtype), w.transpose(-2, -1), offs=offs)
-        dg.Layer.feed_forward = torch.compile(dg.Layer.feed_forward, dynamic=False)
-        dg.Attention.project = torch.compile(dg.Attention.project, dynamic=False)
     model = random_model("26b-a4b", "cuda", torch.bfloat16)
     args, C, B, L = model.args, model.args.canvas_length, a.batch, a.prompt_len
     cache = KVCache(args, B, L + C, "cuda", torch.bfloat16, scratch=C)
@@ -45,15 +46,28 @@ def main() -> None:
     for s in range(3):
         stepper.step(16 - s)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for s in range(3):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for s in range(a.steps):
             stepper.step(13 - s)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
-    print(table)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_cat = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        cat = next(c for c, frags in CATEGORIES if any(f in e.name for f in frags))
+        per_cat[cat][0] += e.device_time / 1e3 / a.steps
+        per_cat[cat][1] += 1 / a.steps
+    total = sum(v[0] for v in per_cat.values())
+    lines = [f"batch {B}, prompt {L}, {a.steps} eager static steps, random 26b-a4b, bf16, torch {torch.__version__}, "
+             f"{torch.cuda.get_device_name()}",
+             f"per step: {total:.2f} ms of kernel time in {len(kernels) / a.steps:.0f} kernels",
+             f"{'category':<24}{'ms/step':>9}{'kernels/step':>14}"]
+    lines += [f"{c:<24}{ms:9.2f}{n:14.0f}" for c, (ms, n) in sorted(per_cat.items(), key=lambda kv: -kv[1][0])]
+    lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    text = "\n".join(lines)
+    print(text)
     if a.out:
         with open(a.out, "w") as f:
-            f.write(f"batch {B}, prompt {L}, blocks={a.blocks}, 3 eager static steps, random 26b-a4b, bf16\n{table}\n")
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

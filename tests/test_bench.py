@@ -20,6 +20,13 @@ def test_bench_writes_json_and_markdown(tmp_path):
         assert REQUIRED <= set(r), REQUIRED - set(r)
         assert r["ms_per_step"] > 0 and r["floor_ms_per_step"] > 0 and r["tok_s_excl_prefill"] > 0
         assert r["command"].startswith("dgemma bench ")
+        if r["path"] == "fast":  # the commit pass folded into the canvas's first step, as generate runs it
+            assert r["ms_first_step"] > 0 and r["ms_per_commit"] == r["ms_first_step"] - r["ms_per_step"]
+            per_canvas = (r["steps"] - 1) * r["ms_per_step"] + r["ms_first_step"]
+        else:
+            assert r["ms_first_step"] is None and r["ms_per_commit"] == r["ms_commit_pass"]
+            per_canvas = r["steps"] * r["ms_per_step"] + r["ms_commit_pass"]
+        assert abs(r["tok_s_excl_prefill"] - r["batch"] * 256 / (per_canvas / 1e3)) <= 1e-6 * r["tok_s_excl_prefill"]
     md = next(tmp_path.glob("bench-*.md")).read_text()
     assert "| ms_per_step |" in md and md.count("| fast |") == 2
 

@@ -162,3 +162,126 @@ def test_static_encoder_decodes_autoregressively_like_encode(tiny_ckpt):
                 tokens.append(int(model.lm_head(h[:, -1]).argmax()))
         outs.append(tokens)
     assert outs[0] == outs[1]
+
+
+def commit_then_step(llm, lengths, fold: bool, soft_scale: float):
+    """Prefill a left-padded batch, then the commit pass of a canvas and the first decoder pass of the next one,
+    either in turn (encode_static, denoise_static) or folded (denoise_folded_static) → (logits, cache)."""
+    from test_parity import padded_batch
+
+    model, args = llm.model, llm.args
+    ids, mask = padded_batch(args.vocab_size, lengths, seed=7)
+    B, L, C = *ids.shape, args.canvas_length
+    g = torch.Generator().manual_seed(3)
+    committed, canvas = (torch.randint(0, args.vocab_size, (B, C), generator=g) for _ in range(2))
+    soft = soft_scale * torch.randn(B, C, args.hidden_size, generator=g)
+    enc_pos, dpos = torch.arange(L, L + C).expand(B, -1), torch.arange(L + C, L + 2 * C)[None]
+    cache = KVCache(args, B, L + 2 * C, "cpu", torch.float32, scratch=C)
+    with torch.no_grad():
+        model.encode(ids, torch.arange(L).expand(B, -1), cache, mask.bool())
+        cache.advance(L)
+        if fold:
+            logits = model.denoise_folded_static(committed, enc_pos, canvas, dpos, cache, soft)
+        else:
+            model.encode_static(committed, enc_pos, cache)
+            logits = model.denoise_static(canvas, dpos, cache, soft)
+    return logits, cache
+
+
+def assert_same_cache(a: KVCache, b: KVCache, atol: float = 1e-5) -> None:
+    """Same slot positions, and K/V within atol, in every layer's cache slots (scratch excluded)."""
+    for layer, cap in enumerate(a.capacity):
+        assert torch.equal(a.pos[layer], b.pos[layer])
+        for x, y in ((a.k[layer], b.k[layer]), (a.v[layer], b.v[layer])):
+            assert (x[:, :, :cap] - y[:, :, :cap]).abs().max() <= atol
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c", "d"])
+@pytest.mark.parametrize("lengths", [(5,), (40, 29)])
+def test_folded_first_step_equals_commit_then_step(tiny_ckpt, name, lengths):
+    """The commit pass folded into the next canvas's first decoder pass: the same logits and the same cache as the
+    two passes in turn (sliding rings that wrap during the commit, left padding, attention biases in "d")."""
+    llm = LLM(tiny_ckpt(name), device="cpu")
+    for soft_scale in (0.0, 1.0):  # a canvas's first step has no self-conditioning; the fold does not rely on it
+        ref, ref_cache = commit_then_step(llm, lengths, False, soft_scale)
+        out, cache = commit_then_step(llm, lengths, True, soft_scale)
+        assert (ref - out).abs().max() <= 1e-4
+        assert torch.equal(ref.argmax(-1), out.argmax(-1))
+        assert_same_cache(ref_cache, cache)
+
+
+def test_folded_step_counts_the_committed_slots_in_kv_len(tiny_ckpt, monkeypatch):
+    """With the canvas-attention kernel's path (here its torch reference, which reads only slots < kv_len, as the
+    kernel does), the folded step's decoder half must see the committed slots that appear during the pass."""
+    pytest.importorskip("triton")
+    from dgemma.kernels.attention import attention_reference, cache_lengths
+    from dgemma.models import diffusion_gemma as dg
+
+    llm = LLM(tiny_ckpt("a"), device="cpu")  # head dims 16 and 32: both take the kernel's path
+    sdpa, _ = commit_then_step(llm, (40, 29), False, 1.0)
+    monkeypatch.setitem(dg.KERNELS, "canvas_attention", attention_reference)
+    monkeypatch.setitem(dg.KERNELS, "cache_lengths", cache_lengths)
+    monkeypatch.setattr(dg, "canvas_kernel_on", lambda x: True)
+    ref, _ = commit_then_step(llm, (40, 29), False, 1.0)
+    out, cache = commit_then_step(llm, (40, 29), True, 1.0)
+    assert int(cache.kv_len.min()) == 40 + llm.args.canvas_length  # prompt + the committed canvas
+    assert (ref - sdpa).abs().max() <= 1e-4 and (out - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_static_stepper_fold_commit_makes_the_same_decisions(tiny_ckpt, name):
+    """StaticStepper: `fold_commit` then a canvas's steps draw and decide as `commit` then the same steps, and leave
+    the same cache."""
+    llm = LLM(tiny_ckpt(name), device="cpu")
+    model, args, B, L = llm.model, llm.args, 2, 21
+    C = args.canvas_length
+    params = DiffusionParams(max_denoising_steps=6, t_min=0.1, t_max=0.5, entropy_bound=0.5)
+    g = torch.Generator().manual_seed(5)
+    prompt, committed = (torch.randint(3, args.vocab_size, (B, n), generator=g) for n in (L, C))
+    runs = []
+    for fold in (False, True):
+        cache = KVCache(args, B, L + 2 * C, "cpu", torch.float32, scratch=C)
+        stepper = StaticStepper(model, cache, params, B)
+        with torch.no_grad():
+            model.encode(prompt, torch.arange(L).expand(B, -1), cache)
+        cache.advance(L)
+        (stepper.fold_commit if fold else stepper.commit)(committed, torch.arange(L, L + C).expand(B, -1))
+        cache.advance(C)
+        torch.manual_seed(0)
+        stepper.start_canvas(torch.arange(L + C, L + 2 * C)[None])
+        runs.append((step_trace(stepper, params.max_denoising_steps, "canvas"), cache))
+        assert not stepper.fold_pending
+    (ref, ref_cache), (out, cache) = runs
+    for a, b in zip(ref, out):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert_same_cache(ref_cache, cache)
+
+
+def test_generate_folds_every_commit_into_the_next_step(tiny_ckpt, monkeypatch):
+    """The static path of `generate` runs no separate commit pass: every canvas after the first starts with one
+    folded step, and the tokens (finished rows' pad canvases included) are the reference path's."""
+    from dgemma.models.diffusion_gemma import DiffusionGemma
+
+    llm = LLM(tiny_ckpt("a"), device="cpu")
+    calls = {"denoise_folded_static": 0, "encode_static": 0}
+
+    def counting(name: str):
+        original = getattr(DiffusionGemma, name)
+
+        def counted(*a, **kw):
+            calls[name] += 1
+            return original(*a, **kw)
+        return counted
+    for name in calls:
+        monkeypatch.setattr(DiffusionGemma, name, counting(name))
+    prompts = [[2, 5, 9, 11, 40], [2, 7, 3]]
+    for seed in (0, 4):  # one row stops at an EOS in canvas 2 or 3, the other runs all 5 canvases
+        p = SamplingParams(seed=seed, max_new_tokens=80, max_denoising_steps=5, t_min=0.5, t_max=1.0,
+                           entropy_bound=1.0, confidence_threshold=0.3).resolve(llm.defaults)
+        ref = list(generate(llm.model, prompts, p, fast=False, drafts=False))[-1]
+        calls.update(dict.fromkeys(calls, 0))
+        out = list(generate(llm.model, prompts, p, fast=True, drafts=False))[-1]
+        assert [o.token_ids for o in out.outputs] == [o.token_ids for o in ref.outputs]
+        assert sorted(o.finish_reason for o in out.outputs) == ["length", "stop"] and out.stats.canvases == 5
+        assert calls == {"denoise_folded_static": out.stats.canvases - 1, "encode_static": 0}

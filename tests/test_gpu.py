@@ -80,8 +80,11 @@ def test_cuda_bf16_generate_runs(tiny_ckpt):
     assert all(1 <= len(o.token_ids) <= 40 for o in outs)
 
 
-def test_cuda_graph_replay_equals_eager_static_step(tiny_ckpt):
-    """The captured step and the same step run eagerly make the same draws and decisions (bf16)."""
+@pytest.mark.parametrize("fold", [False, True])
+def test_cuda_graph_replay_equals_eager_static_step(tiny_ckpt, fold):
+    """The captured step and the same step run eagerly make the same draws and decisions (bf16); with `fold` the
+    canvas's first step carries the previous canvas's commit pass (the `first_graph`), which must also leave the
+    same cache."""
     from test_fast import step_trace
 
     from dgemma.config import DiffusionParams
@@ -90,19 +93,26 @@ def test_cuda_graph_replay_equals_eager_static_step(tiny_ckpt):
     llm = LLM(tiny_ckpt("a"), device="cuda")
     args, C, B, L = llm.args, llm.args.canvas_length, 3, 20
     params = DiffusionParams(max_denoising_steps=8, t_min=0.1, t_max=0.5, entropy_bound=0.5)
-    traces = []
+    traces, caches = [], []
     for use_graph in (True, False):
-        cache = KVCache(args, B, L + C, "cuda", llm.dtype, scratch=C)
+        cache = KVCache(args, B, L + 2 * C, "cuda", llm.dtype, scratch=C)
         stepper = StaticStepper(llm.model, cache, params, B, use_graph=use_graph)
         torch.manual_seed(0)
-        ids = torch.randint(3, args.vocab_size, (B, L), device="cuda")
-        llm.model.encode(ids, torch.arange(L, device="cuda").expand(B, -1), cache)
+        ids = torch.randint(3, args.vocab_size, (B, L + C), device="cuda")
+        llm.model.encode(ids[:, :L], torch.arange(L, device="cuda").expand(B, -1), cache)
         cache.advance(L)
-        stepper.start_canvas(torch.arange(L, L + C, device="cuda")[None])
+        if fold:
+            stepper.fold_commit(ids[:, L:], torch.arange(L, L + C, device="cuda").expand(B, -1))
+            cache.advance(C)
+        stepper.start_canvas(torch.arange(cache.length, cache.length + C, device="cuda")[None])
         traces.append(step_trace(stepper, 8, "soft"))
+        caches.append(cache)
     for graphed, eager in zip(*traces):
         for a, b in zip(graphed, eager):
             assert torch.equal(a, b)
+    for layer, cap in enumerate(caches[0].capacity):
+        assert torch.equal(caches[0].pos[layer], caches[1].pos[layer])
+        assert torch.equal(caches[0].k[layer][:, :, :cap], caches[1].k[layer][:, :, :cap])
 
 
 def test_race_sampling_matches_multinomial_distribution_on_cuda():

@@ -114,6 +114,8 @@ def _compare(model, B: int, L: int, steps: int, device: str, args) -> dict:
 
 def _print_row(r: dict) -> None:
     ref = f" · transformers {r['transformers_ms_per_step']:.2f} ms" if r.get("transformers_ms_per_step") else ""
+    fold = (f" (folded into a {r['ms_first_step']:.2f} ms first step; separate pass {r['ms_commit_pass']:.2f} ms)"
+            if r.get("ms_first_step") is not None else "")
     print(f"B={r['batch']:<3} L={r['prompt_len']:<6} S={r['steps']:<3} {r['path']:<9} "
           f"step {r['ms_per_step']:.2f} ms (floor {r['floor_ms_per_step']:.2f}) · commit {r['ms_per_commit']:.2f} ms"
-          f" · ttft {r['ttft_ms']:.1f} ms · {r['tok_s_excl_prefill']:.0f} tok/s excl. prefill{ref}", flush=True)
+          f"{fold} · ttft {r['ttft_ms']:.1f} ms · {r['tok_s_excl_prefill']:.0f} tok/s excl. prefill{ref}", flush=True)

@@ -15,6 +15,9 @@ Notable choices:
 - Sampling runs over row chunks (`sample_rows`) to bound the [rows, C, V] fp32 temporaries on GPU; on CPU one
   chunk keeps the random stream identical to the reference.
 - The adaptive stop is evaluated on the device; the loop's `done.all()` is the one host sync per step.
+- The commit pass is folded into the next canvas's first step (`fold_commit`): one forward over the committed canvas
+  (encoder role: it writes its K/V into the cache) and the new canvas (decoder role), so the weights, which bound a
+  batch-1 pass, are streamed once for both (`DiffusionGemma.denoise_folded_static`); a third graph, `first_graph`.
 
 `BatchStepper` is the same step for the scheduler's continuous batch (engine/scheduler.py): rows 0..n-1 of one
 cache, each row at its own positions with its own knobs (steps, temperatures, entropy bound, stop thresholds, all
@@ -115,9 +118,11 @@ class StaticStepper:
         self.cur_step = torch.zeros((), dtype=torch.int32, device=dev)
         self.enc_ids = torch.zeros(B, C, dtype=torch.long, device=dev)  # committed canvas → encoder (commit pass)
         self.enc_pos = torch.zeros(B, C, dtype=torch.long, device=dev)
+        self.fold_pending = False  # enc_ids/enc_pos hold a commit that the next step runs in its forward
         self.vocab = V
         self.graph: torch.cuda.CUDAGraph | None = None
         self.commit_graph: torch.cuda.CUDAGraph | None = None
+        self.first_graph: torch.cuda.CUDAGraph | None = None  # a step with the commit pass folded in
         configure_cuda_kernels(dev)
         # On CUDA with Triton the sampler is one fused kernel with Philox noise keyed by a per-row seed (drawn from
         # the generator at each canvas start) and a step counter; elsewhere the exponential race in torch.
@@ -153,19 +158,33 @@ class StaticStepper:
             with torch.inference_mode():
                 self.model.encode_static(self.enc_ids, self.enc_pos, self.cache)
 
+    def fold_commit(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        """`commit`, deferred into the next `step`: that step encodes ids/pos [B, C] into the cache in the same
+        forward as its decoder pass (one weight stream for both). Same cache entries, same logits as `commit` then
+        `step`; the cache is complete once that step has run."""
+        self.enc_ids.copy_(ids)
+        self.enc_pos.copy_(pos)
+        self.fold_pending = True
+
     def step(self, cur_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.cur_step.fill_(cur_step)
-        if self.graph is not None:
-            self.graph.replay()
+        fold, self.fold_pending = self.fold_pending, False
+        graph = self.first_graph if fold else self.graph
+        if graph is not None:
+            graph.replay()
         else:
-            self._step()
+            self._step(fold)
         return self.argmax, self.accepted, self.done
 
     # --- the captured body ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _step(self) -> None:
+    def _step(self, fold: bool = False) -> None:
         p, model = self.params, self.model
-        logits = model.denoise_static(self.canvas, self.dpos, self.cache, self.soft)  # [B, C, V] fp32
+        if fold:  # the commit pass of enc_ids rides along (fold_commit)
+            logits = model.denoise_folded_static(self.enc_ids, self.enc_pos, self.canvas, self.dpos, self.cache,
+                                                 self.soft)  # [B, C, V] fp32
+        else:
+            logits = model.denoise_static(self.canvas, self.dpos, self.cache, self.soft)  # [B, C, V] fp32
         temp = S.temperature(self.cur_step, p.max_denoising_steps, p.t_min, p.t_max, logits.device)
         if self.fused_sample is not None:
             sampled, new_argmax, accepted, confident, soft = self._sample_fused(logits, temp)
@@ -205,13 +224,14 @@ class StaticStepper:
         return tuple(torch.cat(t) for t in zip(*parts))
 
     def _capture(self) -> None:
-        """Capture one step and one commit pass. Runs before the prefill: the warm-up commits write junk slots,
-        so the cache is cleared afterwards."""
+        """Capture one step, one commit pass and one folded first step (one memory pool: never replayed at once).
+        Runs before the prefill: the warm-up commits write junk slots, so the cache is cleared afterwards."""
         self.enc_pos.copy_(torch.arange(self.enc_pos.shape[1], device=self.enc_pos.device).expand_as(self.enc_pos))
         self.graph = capture_graph(self._step)
         self.commit_graph = capture_graph(
             torch.inference_mode()(lambda: self.model.encode_static(self.enc_ids, self.enc_pos, self.cache)),
             pool=self.graph.pool())
+        self.first_graph = capture_graph(lambda: self._step(fold=True), pool=self.graph.pool())
         self.cache.clear()
 
 

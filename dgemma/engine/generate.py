@@ -2,6 +2,7 @@
 
     for each canvas (256 new tokens):
         encode the uncached tokens (the prompt, then each committed canvas) into the KV cache
+            (the static stepper runs a committed canvas's encoder pass inside the next canvas's first step)
         canvas ← uniform random ids
         for cur_step = N .. 1:                       yield StepEvent (the draft)
             logits ← decoder(canvas, self-conditioning = previous temperature-scaled logits)
@@ -154,9 +155,11 @@ def generate(model, prompts: list[list[int]], params: DiffusionParams, *, prefil
             cache.advance(end - start)
         prefill_s = time.perf_counter() - t0
         for c in range(n_canvases):
-            if c > 0:  # encode the canvas committed last (pads included, as upstream) into the cache
-                stepper.commit(state.committed[-1], all_pos[cache.length:cache.length + C].expand(B, -1))
-                cache.advance(C)
+            if c > 0:  # encode the canvas committed last (pads included, as upstream) into the cache; the static
+                # stepper folds this pass into the new canvas's first step (one weight stream for both passes)
+                commit = stepper.fold_commit if fast else stepper.commit
+                commit(state.committed[-1], all_pos[cache.length:cache.length + C].expand(B, -1))
+                cache.advance(C)  # when folded, written by the next step: static passes read slot positions only
             stepper.start_canvas(all_pos[cache.length:cache.length + C][None])  # decoder positions [1, C]
             yield from _denoise_canvas(stepper, state, c, params, drafts)
             if bool(state.finished.all()):

@@ -14,8 +14,10 @@ Notable choices:
 - The second GEMM multiplies by the router weight and writes fp32 rows in pair order; `.view(N, k, H).sum(1)`
   then adds the k rows in the reference's order (deterministic). `atomic=True` adds into [N, H] fp32 with atomics
   instead (less memory traffic, summation order not deterministic).
-- BLOCK_M follows the tokens per expert (N·k / E ≈ 16 at batch 1); BLOCK_N, BLOCK_K, warps and stages are autotuned
-  on CUDA from a small H100-oriented set, UNTUNED: none of it has been measured yet.
+- Routing tables come from one launch (`_align_kernel`, one program per expert, a histogram and a stable counting
+  sort) instead of torch's radix sort and a dozen small kernels.
+- BLOCK_M follows the tokens per expert (`block_m_for`); BLOCK_N, BLOCK_K, warps and stages are pinned per BLOCK_M
+  (`CUDA_TILES`, from a measured sweep) rather than autotuned, so no process pays for tuning at start-up.
 - Under TRITON_INTERPRET=1 the tiles are upcast to fp32 before tl.dot: the interpreter multiplies bf16 tiles as
   raw uint16. On GPU the dot takes bf16 and accumulates in fp32.
 """
@@ -104,37 +106,45 @@ def _down_kernel(act_ptr, w_ptr, slots_ptr, block_expert_ptr, rw_ptr, out_ptr, P
 
 
 @triton.jit
-def _align_kernel(idx_ptr, slots_ptr, block_expert_ptr, E,
-                  P: tl.constexpr, N_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                  CHUNK: tl.constexpr, TILE_CHUNK: tl.constexpr):
-    """`align_reference` in one program: per-expert counts, padded tile ranges, the tile → expert table, and each
-    pair's slot = its expert's first padded row + its rank among the earlier pairs of that expert (a stable
-    counting sort: the same slots as the reference's stable sort)."""
-    experts = tl.arange(0, E_PAD)
-    counts = tl.zeros([E_PAD], dtype=tl.int32)
+def _align_kernel(idx_ptr, slots_ptr, block_expert_ptr, E: tl.constexpr, P: tl.constexpr, N_BLOCKS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, MAX_TILES: tl.constexpr,
+                  TAIL_CHUNK: tl.constexpr):
+    """`align_reference`'s tables, one program per expert e: a histogram of all pairs gives every expert's padded
+    run, so e knows where its run starts; e's pairs take its rows in pair order (a stable counting sort: the same
+    slots as the reference's stable sort), the rest of its last tile is padding (pair P), its tiles map to e, and
+    the last program marks the unused tiles past the end (expert E, all rows padding)."""
+    e = tl.program_id(0)
+    bins = tl.arange(0, BINS)
+    counts = tl.zeros([BINS], dtype=tl.int32)
     for p0 in range(0, P, CHUNK):
         p = p0 + tl.arange(0, CHUNK)
-        e = tl.load(idx_ptr + p, mask=p < P, other=E_PAD).to(tl.int32)  # E_PAD matches no expert
-        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        counts += tl.histogram(tl.load(idx_ptr + p, mask=p < P, other=BINS - 1).to(tl.int32), BINS)
+    counts = tl.where(bins < E, counts, 0)  # drop the padding bin
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
-    pad_start = pad_end - padded
-    for b0 in range(0, N_BLOCKS, TILE_CHUNK):  # expert of each tile = experts whose padded run ends at or before it
-        b = b0 + tl.arange(0, TILE_CHUNK)
-        before = tl.sum((pad_end[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.minimum(before, E), mask=b < N_BLOCKS)
-        rows = b[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]  # every row reads as padding (pair P) ...
-        tl.store(slots_ptr + rows, tl.full([TILE_CHUNK, BLOCK_M], P, tl.int32), mask=(b < N_BLOCKS)[:, None])
-    tl.debug_barrier()  # ... until the pairs below take their rows (other threads may store to the same slots)
-    running = pad_start
+    start = tl.sum(tl.where(bins == e, pad_end - padded, 0), axis=0)
+    count = tl.sum(tl.where(bins == e, counts, 0), axis=0)
+    seen = count * 0
     for p0 in range(0, P, CHUNK):
         p = p0 + tl.arange(0, CHUNK)
-        e = tl.load(idx_ptr + p, mask=p < P, other=E_PAD).to(tl.int32)
-        hit = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E_PAD] one-hot
-        rank = tl.cumsum(hit, axis=0) - hit  # earlier pairs of the same expert inside the chunk
-        slot = tl.sum(hit * (rank + running[None, :]), axis=1)
-        tl.store(slots_ptr + slot, p, mask=p < P)
-        running += tl.sum(hit, axis=0)
+        hit = (tl.load(idx_ptr + p, mask=p < P, other=BINS - 1).to(tl.int32) == e).to(tl.int32)
+        rank = seen + tl.cumsum(hit, axis=0) - hit
+        tl.store(slots_ptr + start + rank, p, mask=hit == 1)
+        seen += tl.sum(hit, axis=0)
+    pad_rows = tl.arange(0, BLOCK_M) + count
+    tl.store(slots_ptr + start + pad_rows, tl.full([BLOCK_M], P, tl.int32), mask=pad_rows < (count + BLOCK_M - 1)
+             // BLOCK_M * BLOCK_M)
+    tiles = tl.arange(0, MAX_TILES)
+    tl.store(block_expert_ptr + start // BLOCK_M + tiles, tl.full([MAX_TILES], e, tl.int32),
+             mask=tiles * BLOCK_M < count)
+    if e == E - 1:
+        used = tl.sum(padded, axis=0) // BLOCK_M
+        for t0 in range(0, N_BLOCKS, TAIL_CHUNK):
+            t = t0 + tl.arange(0, TAIL_CHUNK)
+            tail = (t >= used) & (t < N_BLOCKS)
+            tl.store(block_expert_ptr + t, tl.full([TAIL_CHUNK], E, tl.int32), mask=tail)
+            rows = t[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+            tl.store(slots_ptr + rows, tl.full([TAIL_CHUNK, BLOCK_M], P, tl.int32), mask=tail[:, None])
 
 
 @triton.jit
@@ -156,20 +166,21 @@ class Tile(NamedTuple):
     stages: int
 
 
-# CUDA tiles per BLOCK_M: (gate_up, down). Chosen by scripts/gpu_moe_bench.py on an H200 at the real 26B-A4B shape
-# (H 2816, I 704, 128 experts, top 8); see benchmarks/results/moe_tiles_h200.txt. Other shapes use them as well.
-CUDA_TILES = {16: (Tile(64, 128, 4, 4), Tile(64, 128, 4, 4)),
-              32: (Tile(64, 128, 4, 4), Tile(64, 128, 4, 4)),
-              64: (Tile(64, 64, 4, 4), Tile(64, 64, 4, 4)),
-              128: (Tile(128, 64, 8, 3), Tile(128, 64, 8, 3))}
+# CUDA tiles per BLOCK_M: (gate_up, down), the fastest of scripts/gpu_moe_bench.py's sweep on an H200 at the real
+# 26B-A4B expert shape (H 2816, I 704, 128 experts, top 8; benchmarks/results/moe_tiles_h200_f464fe1.txt). At 256
+# tokens (batch 1) they stream the expert weights at 98% (gate_up) and 89% (down) of the measured copy bandwidth.
+CUDA_TILES = {16: (Tile(64, 128, 4, 3), Tile(64, 64, 4, 4)),
+              32: (Tile(64, 128, 4, 3), Tile(64, 128, 4, 3)),
+              64: (Tile(64, 64, 4, 4), Tile(128, 64, 4, 4)),
+              128: (Tile(128, 64, 8, 4), Tile(128, 64, 8, 4))}
 INTERPRET_TILE = Tile(32, 32, 1, 1)
-ALIGN_KERNEL_MAX_PAIRS = 8192  # the one-program routing kernel beats torch's sort up to here (batch <= 4)
+ALIGN_KERNEL_MAX_PAIRS = 1 << 16  # routing tables from the kernel up to here (batch 32), from torch's sort beyond
 
 
 def block_m_for(pairs: int, num_experts: int) -> int:
-    """M-tile height from the mean rows per expert (16 at batch 1: 256 tokens × 8 / 128 experts)."""
-    mean = pairs / num_experts
-    return 16 if mean <= 24 else 32 if mean <= 48 else 64 if mean <= 128 else 128
+    """M-tile height from the mean rows per expert: 32 up to a mean of 24 (batch 1: 256 tokens × 8 / 128 experts =
+    16), else 64 (measured faster than 16 and 128 at 256 to 4096 tokens on an H200)."""
+    return 32 if pairs / num_experts <= 24 else 64
 
 
 def n_blocks_for(pairs: int, num_experts: int, block_m: int) -> int:
@@ -198,8 +209,8 @@ def align_reference(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 
 def align(idx: torch.Tensor, num_experts: int, block_m: int, kernel: bool | None = None):
-    """`align_reference`'s tables; up to ALIGN_KERNEL_MAX_PAIRS pairs from one Triton program (one launch instead
-    of a radix sort and ~10 small kernels), beyond that (or with kernel=False) from torch."""
+    """`align_reference`'s tables; up to ALIGN_KERNEL_MAX_PAIRS pairs from one Triton launch (instead of a radix
+    sort and ~10 small kernels), beyond that (or with kernel=False) from torch."""
     P, E = idx.numel(), num_experts
     if kernel is None:
         kernel = P <= ALIGN_KERNEL_MAX_PAIRS
@@ -208,10 +219,11 @@ def align(idx: torch.Tensor, num_experts: int, block_m: int, kernel: bool | None
     n_blocks = n_blocks_for(P, E, block_m)
     slots = torch.empty(n_blocks * block_m, dtype=torch.int32, device=idx.device)
     block_expert = torch.empty(n_blocks, dtype=torch.int32, device=idx.device)
-    e_pad = triton.next_power_of_2(E)
-    chunk = max(1, min(triton.next_power_of_2(P), 8192 // e_pad))  # a [chunk, E] one-hot of <= 8K elements
-    _align_kernel[(1,)](idx.reshape(-1), slots, block_expert, E, P=P, N_BLOCKS=n_blocks, BLOCK_M=block_m,
-                        E_PAD=e_pad, CHUNK=chunk, TILE_CHUNK=64, num_warps=8 if idx.is_cuda else 1)
+    bins = triton.next_power_of_2(E + 1)  # one spare bin for the masked lanes
+    _align_kernel[(E,)](idx.reshape(-1), slots, block_expert, E=E, P=P, N_BLOCKS=n_blocks, BLOCK_M=block_m, BINS=bins,
+                        CHUNK=min(4096, triton.next_power_of_2(P)),
+                        MAX_TILES=triton.next_power_of_2(triton.cdiv(idx.shape[0], block_m)),
+                        TAIL_CHUNK=max(1, 2048 // block_m), num_warps=4 if idx.is_cuda else 1)
     return slots, block_expert
 
 

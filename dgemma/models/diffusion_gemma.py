@@ -4,6 +4,8 @@
   the KV cache (sliding window on sliding layers). It returns the final hidden states (used by the AR path).
 * `denoise(canvas)` is the diffusion decoder: the 256-token canvas attends bidirectionally to itself and to the
   cached prefix, never writes the cache, and returns softcapped fp32 logits.
+* `denoise_folded_static(committed, canvas)` is a commit pass (`encode_static`) and the next canvas's first decoder
+  pass run as one forward over both canvases: token-wise work once over 2C tokens, attention split by role.
 
 Encoder and decoder share every weight (the checkpoint only stores the decoder copy); the one exception is the
 per-layer `layer_scalar`, which the checkpoint stores twice (`model.decoder...` and `model.encoder.language_model...`),
@@ -35,7 +37,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 KERNELS = {"rms_norm": rms_norm, "feed_forward": None, "project": None, "canvas_attention": None,
            "cache_lengths": None, "moe": None}
 TRITON_ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256, 512)  # what kernels/attention.py takes (tiny test models: sdpa)
-MOE_TRITON_MIN_TOKENS = 1024  # the Triton MoE beats grouped_mm from ~2048 tokens (H200); below, grouped_mm
+MOE_TRITON_MIN_TOKENS = 1  # the Triton MoE beats grouped_mm at every size measured, 256 to 4096 tokens (H200)
+
+
+def canvas_kernel_on(x: torch.Tensor) -> bool:
+    """Whether the static decoder attends through KERNELS["canvas_attention"], which reads `cache.kv_len` (set by
+    `denoise_static`): CUDA tensors only. Tests patch this to run the kernel's torch reference on the CPU."""
+    return KERNELS["canvas_attention"] is not None and x.is_cuda
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
@@ -155,7 +163,11 @@ class Attention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, mask: torch.Tensor | None, causal: bool = False, encoder: bool = False) -> torch.Tensor:
+        return self.linear("o", self.context(q, k, v, mask, causal), encoder)
+
+    def context(self, q, k, v, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
         # q [B, H, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] (True = attend) or None (all keys visible)
+        # → [B, T, H*D], the input of o_proj
         B, _, T, _ = q.shape
         rep = self.n_heads // self.n_kv
         gqa = {}
@@ -164,7 +176,7 @@ class Attention(nn.Module):
         elif rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, **gqa)
-        return self.linear("o", out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), encoder)
+        return out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
 
     def forward_encoder(self, x, cos, sin, cache: KVCache, pos: torch.Tensor, valid: torch.Tensor):
         """Causal attention of new tokens over the cached prefix and themselves; writes the new K/V to the cache."""
@@ -205,39 +217,65 @@ class Attention(nn.Module):
         return mask
 
     def forward_encoder_static(self, x, cos, sin, cache: KVCache, pos: torch.Tensor, rows=None):
-        """Static-shape encoder attention for a committed canvas (no padding; CUDA-graph safe): new K/V go to the
-        scratch slots, the causal/sliding mask comes from slot positions on the device, then the new K/V are
-        stored in their cache slots (only rows set in `rows` [B] bool, if given). Same math as `forward_encoder`."""
+        """Static-shape encoder attention for a committed canvas (no padding; CUDA-graph safe). Same math as
+        `forward_encoder`; see `encoder_static_context`."""
         q, k, v = self.project(x, cos, sin, encoder=True)
-        layer, cap, T = self.layer_idx, cache.capacity[self.layer_idx], x.shape[1]
+        return self.linear("o", self.encoder_static_context(q, k, v, cache, pos, rows), encoder=True)
+
+    def encoder_static_context(self, q, k, v, cache: KVCache, pos: torch.Tensor, rows=None) -> torch.Tensor:
+        """The new K/V go to the scratch slots, the causal/sliding mask comes from slot positions on the device, then
+        the new K/V are stored in their cache slots (only rows set in `rows` [B] bool, if given). q [B, H, T, D],
+        k/v [B, Hkv, T, D] at positions pos [B, T] → [B, T, H*D], before o_proj."""
+        layer, cap, T = self.layer_idx, cache.capacity[self.layer_idx], q.shape[2]
         ck, cv = cache.k[layer], cache.v[layer]
         ck[:, :, cap:cap + T] = k
         cv[:, :, cap:cap + T] = v
         mask = self.prefix_mask(torch.cat([cache.pos[layer], pos], dim=1), pos)  # [B, T, cap + T]
-        out = self.attend(q, ck[:, :, :cap + T], cv[:, :, :cap + T], mask[:, None], encoder=True)
+        out = self.context(q, ck[:, :, :cap + T], cv[:, :, :cap + T], mask[:, None])
         cache.write(layer, k, v, pos, rows=rows)
         return out
 
     def forward_decoder_static(self, x, cos, sin, cache: KVCache):
-        """Static-shape decoder attention (CUDA-graph safe): the canvas K/V go into the cache's scratch slots and the
-        canvas attends over the whole buffer, masked on the device. Same math as `forward_decoder`."""
+        """Static-shape decoder attention (CUDA-graph safe). Same math as `forward_decoder`; see
+        `decoder_static_context`."""
         q, k, v = self.project(x, cos, sin)
+        return self.o_proj(self.decoder_static_context(q, k, v, cache))
+
+    def decoder_static_context(self, q, k, v, cache: KVCache) -> torch.Tensor:
+        """The canvas K/V go into the cache's scratch slots and the canvas attends over the whole buffer, masked on
+        the device. q [B, H, T, D], k/v [B, Hkv, T, D] (T = scratch) → [B, T, H*D], before o_proj."""
         cap = cache.capacity[self.layer_idx]
         cache.k[self.layer_idx][:, :, cap:] = k
         cache.v[self.layer_idx][:, :, cap:] = v
         B, H, T, D = q.shape
-        if KERNELS["canvas_attention"] is not None and q.is_cuda and D in TRITON_ATTENTION_HEAD_DIMS:
+        if canvas_kernel_on(q) and D in TRITON_ATTENTION_HEAD_DIMS:
             # Triton flash attention over the occupied slots only (kernels/attention.py): key blocks past the row's
-            # length are skipped, so the step does not pay for the cache's unused capacity.
+            # length (`cache.kv_len`) are skipped, so the step does not pay for the cache's unused capacity.
             out = KERNELS["canvas_attention"](q, cache.k[self.layer_idx], cache.v[self.layer_idx],
                                               cache.pos[self.layer_idx], cache.kv_len)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+            return out.transpose(1, 2).reshape(B, T, H * D)
         # The mask does not depend on the query, so the query heads sharing a KV head can be stacked along the
         # sequence: [B, Hkv, rep*T, D] against K/V [B, Hkv, S, D]. Same math as repeating K/V, without the copy.
         q = q.reshape(B, self.n_kv, (H // self.n_kv) * T, D)
         out = F.scaled_dot_product_attention(q, cache.k[self.layer_idx], cache.v[self.layer_idx],
                                              attn_mask=cache.decoder_mask(self.layer_idx), scale=1.0)
-        return self.o_proj(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
+        return out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+
+    def forward_folded_static(self, x, cos, sin, cache: KVCache, enc_pos: torch.Tensor) -> torch.Tensor:
+        """`forward_encoder_static` over a committed canvas x[:, :C] (positions enc_pos [B, C]) and
+        `forward_decoder_static` over the next canvas x[:, C:], in one call: the projections run once over all 2C
+        tokens (one read of the weights). The encoder half attends first and writes the committed K/V into the
+        cache, so the decoder half then sees the cache exactly as after a separate commit pass (both halves stage
+        their K/V in the same scratch slots, one after the other)."""
+        C = enc_pos.shape[1]
+        if self.q_proj.bias is not None:  # the encoder has its own biases: project each half (not the real config)
+            enc = self.project(x[:, :C], cos[:, :C], sin[:, :C], encoder=True)
+            dec = self.project(x[:, C:], cos[:, C:], sin[:, C:])
+            return torch.cat([self.linear("o", self.encoder_static_context(*enc, cache, enc_pos), encoder=True),
+                              self.o_proj(self.decoder_static_context(*dec, cache))], dim=1)
+        enc, dec = zip(*(t.split(C, dim=2) for t in self.project(x, cos, sin)))  # q, k, v [B, H|Hkv, C, D] each
+        out = [self.encoder_static_context(*enc, cache, enc_pos), self.decoder_static_context(*dec, cache)]
+        return self.o_proj(torch.cat(out, dim=1))  # [B, 2C, hidden]
 
 
 class MLP(nn.Module):
@@ -376,6 +414,15 @@ class Layer(nn.Module):
         x = self.feed_forward(x)
         return x * (self.encoder_layer_scalar if encoder else self.layer_scalar)
 
+    def forward_folded(self, x, cos, sin, cache: KVCache, enc_pos: torch.Tensor) -> torch.Tensor:
+        """The static encoder over x[:, :C] (a committed canvas at enc_pos [B, C]) and the static decoder over
+        x[:, C:] (the next canvas) in one pass: norms, projections, dense MLP, router and experts run once over all
+        2C tokens; only attention and the layer scalar depend on the role."""
+        C = enc_pos.shape[1]
+        h = self.self_attn.forward_folded_static(self.input_layernorm(x), cos, sin, cache, enc_pos)
+        x = self.feed_forward(x + self.post_attention_layernorm(h))
+        return torch.cat([x[:, :C] * self.encoder_layer_scalar, x[:, C:] * self.layer_scalar], dim=1)
+
 
 class SelfConditioning(nn.Module):
     """Adds a signal from the previous step's prediction to the canvas embeddings: softmax(prev logits) @ E × scale
@@ -486,10 +533,27 @@ class DiffusionGemma(nn.Module):
         """`denoise` with fixed shapes and no host syncs, for CUDA-graph capture (engine/fast.py). Takes the
         self-conditioning soft embeddings [B, C, hidden] directly (zeros on the first step give exactly the same
         result as no self-conditioning) and needs a cache built with `scratch=canvas_length`."""
-        if KERNELS["canvas_attention"] is not None and canvas.is_cuda:
+        if canvas_kernel_on(canvas):
             cache.kv_len = KERNELS["cache_lengths"](cache.pos[0])  # [B] on the device, recomputed at every replay
         x = self.self_conditioning(self.embed(canvas), soft)
         return self.lm_head(self.run_layers(x, pos, cache, False, static=True))
+
+    def denoise_folded_static(self, ids: torch.Tensor, enc_pos: torch.Tensor, canvas: torch.Tensor,
+                              pos: torch.Tensor, cache: KVCache, soft: torch.Tensor) -> torch.Tensor:
+        """`encode_static(ids, enc_pos, cache)` (the commit pass of the canvas committed last) folded into
+        `denoise_static(canvas, pos, cache, soft)` (the next canvas's first step): one forward over [B, 2C] tokens,
+        so every layer's weights are read once for both (at batch 1 each pass streams all the weights). Writes the
+        same cache entries and returns the same logits [B, C, V] as the two passes in turn."""
+        B, C = canvas.shape
+        if canvas_kernel_on(canvas):
+            # The committed slots fill in layer by layer during this pass, each before its layer's decoder half
+            # reads the cache: count them in from the start (recomputed at every replay).
+            cache.kv_len = torch.maximum(KERNELS["cache_lengths"](cache.pos[0]), KERNELS["cache_lengths"](enc_pos))
+        x = torch.cat([self.embed(ids), self.self_conditioning(self.embed(canvas), soft)], dim=1)  # [B, 2C, hidden]
+        rope = self.rope(torch.cat([enc_pos, pos.expand(B, -1)], dim=1), x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_folded(x, *rope[self.args.layer_types[i]], cache, enc_pos)
+        return self.lm_head(self.norm(x[:, C:]))  # the encoder half's output is not needed (as in a commit pass)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
