@@ -31,7 +31,7 @@ import torch
 
 from dgemma.config import DiffusionParams, ModelArgs
 from dgemma.engine.cache import KVCache
-from dgemma.engine.fast import StaticStepper, capture_graph
+from dgemma.engine.fast import StaticStepper, capture_graph, fuse_for_cuda
 from dgemma.engine.generate import ReferenceStepper
 from dgemma.models.diffusion_gemma import DiffusionGemma
 
@@ -169,6 +169,7 @@ def measure_ar(model: DiffusionGemma, prompt_len: int, device: str, tokens: int 
         tok.copy_(logits.argmax(dim=-1, keepdim=True))
         pos.add_(1)
     graph = None
+    fuse_for_cuda(model, torch.device(device))  # as the steppers do: the token step gets the stacked projections
     if device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16):
         graph = capture_graph(step)
         cache.clear()  # the warm-up wrote junk slots

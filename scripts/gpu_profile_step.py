@@ -3,7 +3,7 @@ the kernels `configure_cuda_kernels` picks (Triton, and torch.compile unless DGE
 so each kernel is attributed; the summary counts kernels per step (a CUDA graph replays the same kernels with less
 launch overhead, so GPU time here is close to a replay's).
 
-Usage: python scripts/gpu_profile_step.py [--batch 1] [--prompt-len 512] [--out profile.txt]"""
+Usage: python scripts/gpu_profile_step.py [--batch 1] [--prompt-len 512] [--fold] [--out profile.txt]"""
 
 import argparse
 import collections
@@ -33,22 +33,33 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fold", action="store_true", help="profile the first step of a canvas, with the commit pass of "
+                    "the previous canvas folded in (StaticStepper.fold_commit)")
     a = ap.parse_args()
     model = random_model("26b-a4b", "cuda", torch.bfloat16)
     args, C, B, L = model.args, model.args.canvas_length, a.batch, a.prompt_len
-    cache = KVCache(args, B, L + C, "cuda", torch.bfloat16, scratch=C)
+    cache = KVCache(args, B, L + 2 * C, "cuda", torch.bfloat16, scratch=C)
     with torch.inference_mode():
         model.encode(torch.randint(3, args.vocab_size, (B, L), device="cuda"),
                      torch.arange(L, device="cuda").expand(B, -1), cache)
     cache.advance(L)
     stepper = StaticStepper(model, cache, DiffusionParams(max_denoising_steps=16), B, use_graph=False)
-    stepper.start_canvas(torch.arange(L, L + C, device="cuda")[None])
+    committed = torch.randint(3, args.vocab_size, (B, C), device="cuda")
+    enc_pos = torch.arange(L, L + C, device="cuda").expand(B, -1)
+    start = L + C if a.fold else L  # with --fold, the committed canvas sits at L..L+C-1 and the new one after it
+
+    def step(s):
+        if a.fold:  # the same slots every time: repeatable
+            stepper.fold_commit(committed, enc_pos)
+        stepper.step(s)
+
+    stepper.start_canvas(torch.arange(start, start + C, device="cuda")[None])
     for s in range(3):
-        stepper.step(16 - s)
+        step(16 - s)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for s in range(a.steps):
-            stepper.step(13 - s)
+            step(13 - s)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per_cat = collections.defaultdict(lambda: [0.0, 0])
@@ -57,7 +68,8 @@ def main() -> None:
         per_cat[cat][0] += e.device_time / 1e3 / a.steps
         per_cat[cat][1] += 1 / a.steps
     total = sum(v[0] for v in per_cat.values())
-    lines = [f"batch {B}, prompt {L}, {a.steps} eager static steps, random 26b-a4b, bf16, torch {torch.__version__}, "
+    kind = "folded first steps" if a.fold else "steps"
+    lines = [f"batch {B}, prompt {L}, {a.steps} eager static {kind}, random 26b-a4b, bf16, torch {torch.__version__}, "
              f"{torch.cuda.get_device_name()}",
              f"per step: {total:.2f} ms of kernel time in {len(kernels) / a.steps:.0f} kernels",
              f"{'category':<24}{'ms/step':>9}{'kernels/step':>14}"]

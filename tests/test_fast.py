@@ -52,7 +52,8 @@ class TableModel(torch.nn.Module):
     def denoise(self, canvas, dpos, cache, sc=None):
         return 0.05 * self.table[canvas] + self.by_position[None] + 0.01 * dpos[..., None].float()
 
-    def denoise_static(self, canvas, dpos, cache, soft):
+    def denoise_static(self, canvas, dpos, cache, soft, raw=False):
+        assert not raw, "raw LM-head output is only asked for by the CUDA fused sampler"
         return self.denoise(canvas, dpos, cache)
 
     def soft_embed(self, logits, dtype):

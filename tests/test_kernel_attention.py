@@ -3,7 +3,8 @@
 Without a GPU the kernel runs under TRITON_INTERPRET=1 (set below, before triton is imported) on CPU tensors with
 16 × 16 tiles, so small shapes already give key counts that are not block multiples, row blocks straddling query
 heads, several key blocks per split and rows whose splits differ. Empty slots hold large garbage so that reading one
-would show. The `gpu` tests compile it at the real shapes and replay it in a CUDA graph as the cache grows.
+would show. The D = 512 kernel variants (column parts, prefetched K/V, lazy rescaling) run at D 512 with a 3-token
+canvas. The `gpu` tests compile it at the real shapes and replay it in a CUDA graph as the cache grows.
 
 Tolerances: fp32 runs IEEE dots and fp32 softmax, so only summation order differs from sdpa (1e-5). In bf16 the
 kernel rounds the probabilities to bf16 for P·V (as flash attention does: ≤ 2^-9 relative per term) and rounds the
@@ -23,7 +24,16 @@ pytest.importorskip("triton")
 
 from dgemma.config import ModelArgs  # noqa: E402
 from dgemma.engine.cache import KVCache  # noqa: E402
-from dgemma.kernels.attention import Config, attention_reference, cache_lengths, canvas_attention  # noqa: E402
+from dgemma.kernels.attention import (  # noqa: E402
+    CUDA_TILES,
+    Config,
+    Tile,
+    attention_reference,
+    cache_lengths,
+    canvas_attention,
+    default_config,
+    split_count,
+)
 
 # The interpreter evaluates both sides of tl.where (exp2 of -inf - -inf in rows with no valid key yet): numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero):RuntimeWarning")
@@ -187,11 +197,81 @@ def test_rejects_bad_inputs():
         dict(pos=torch.full((1, 40), -1, device=DEV)),  # more slots than the buffer
         dict(kv_len=torch.tensor([1, 2], device=DEV)),
         dict(v=v[:, :, :-1]),
+        dict(config=Config(16, 16, 1, 1, v_parts=3)),  # column parts must divide the head dim
     ]
     for change in bad:
         args = dict(q=q, k=k, v=v, pos=pos) | change
         with pytest.raises(ValueError, match="canvas_attention"):
             canvas_attention(**args)
+
+
+# --- D = 512 variants (the full layers): column parts, prefetched K/V, lazy rescaling ------------------------------
+# Tiles as the interpreter runs them (16 × 16) with each kernel variant the GPU may use (CUDA_TILES[512] and the
+# bench's --sweep-full); rep 8 as in the model (16 query heads over 2 KV heads), T = 3 so 24 rows straddle row blocks.
+VARIANTS = {"parts2-lazy": Tile(16, 16, 4, 1, v_parts=2, prefetch=True, lazy_rescale=True),
+            "whole-lazy": Tile(16, 16, 4, 1, prefetch=True, lazy_rescale=True),
+            "parts4-eager": Tile(16, 16, 4, 1, v_parts=4, prefetch=True),
+            "parts2-posmask": Tile(16, 16, 4, 1, v_parts=2)}
+D512 = [(name, layout, dtype) for name in VARIANTS for layout in ("full", "ring")
+        for dtype in (torch.float32, torch.bfloat16)]
+
+
+def d512_inputs(layout: str, dtype: torch.dtype, seed: int = 0):
+    if layout == "full":  # left padding longer than a key block: a whole row block starts with nothing valid
+        pos = full_layout([45, 29], [0, 20], cap=50)
+    else:
+        pos = ring_layout([90, 33], cap=40, holes=[(5, 14), (20, 26)])
+    return make_inputs(pos, rep=8, n_kv=2, T=3, D=512, scratch=9, dtype=dtype, seed=seed)
+
+
+@pytest.mark.parametrize("name,layout,dtype", D512,
+                         ids=[f"{n}-{lay}-{'fp32' if d == torch.float32 else 'bf16'}" for n, lay, d in D512])
+def test_d512_variants_match_reference(name, layout, dtype):
+    q, k, v, pos = d512_inputs(layout, dtype)
+    for splits in (1, 3):  # 3 or 4 key blocks: unsplit, or 2 working splits of 3 (one idle)
+        config = Config.of(VARIANTS[name], splits=splits, blocks_per_split=2)
+        check_close(canvas_attention(q, k, v, pos, config=config), q, k, v, pos)
+
+
+@pytest.mark.parametrize("name", ["parts2-lazy", "parts2-posmask"])
+def test_d512_kv_len_bounds_the_slots_read(name):
+    """Prefetched or not, K/V slots >= kv_len are never loaded (NaN there stays out)."""
+    pos = full_layout([50, 50], [0, 0], cap=50)
+    q, k, v, pos = make_inputs(pos, 8, 2, 3, 512, 9, torch.float32, seed=1)
+    kv_len = torch.tensor([19, 70], dtype=torch.int32, device=DEV)
+    k[0, :, 19:50], v[0, :, 19:50] = float("nan"), float("nan")
+    ref = attention_reference(q, k.nan_to_num(), v.nan_to_num(), pos, kv_len)
+    for splits in (1, 2):
+        out = canvas_attention(q, k, v, pos, kv_len, Config.of(VARIANTS[name], splits=splits, blocks_per_split=1))
+        assert out.isfinite().all()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lazy_rescale_follows_a_late_jump_of_the_max():
+    """Scores that jump by far more than 2^8 in a late key block (the rescaling branch) and stay within it
+    elsewhere (the skipping branch): same result as rescaling every block."""
+    pos = full_layout([64, 64], [0, 0], cap=64)
+    q, k, v, pos = make_inputs(pos, 8, 2, 3, 512, 9, torch.float32, seed=2)
+    k[:, :, 50] = 30 * q[:, 0:1, 1] / q[:, 0:1, 1].pow(2).sum(-1, keepdim=True)  # row (head 0, t 1): score 30 at
+    # slot 50 (block 3), 43 in base 2, where the other blocks' scores have std ~2
+    eager = dict(VARIANTS["parts2-lazy"]._asdict(), lazy_rescale=False)
+    for splits in (1, 2):
+        lazy = canvas_attention(q, k, v, pos, config=Config.of(VARIANTS["parts2-lazy"], splits, 1))
+        check_close(lazy, q, k, v, pos)
+        torch.testing.assert_close(lazy, canvas_attention(q, k, v, pos, config=Config.of(Tile(**eager), splits, 1)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_launch_parameters():
+    """The CPU default runs CUDA_TILES[D]'s variant; splits fill whole waves of resident programs."""
+    q = torch.zeros(1, 16, 256, 512)
+    cfg = default_config(q, 2, 32768, 256)
+    tile = CUDA_TILES[512]
+    assert (cfg.v_parts, cfg.prefetch, cfg.lazy_rescale) == (tile.v_parts, tile.prefetch, tile.lazy_rescale)
+    assert split_count(64, 132, 16) == 2  # batch 1, full layers: one wave of 128
+    assert split_count(128, 2 * 132, 16) == 2  # two programs per SM
+    assert split_count(32, 132, 3) == 3  # batch 1, sliding layers: as many as the ring's blocks allow
+    assert split_count(512, 132, 16) == split_count(256, 132, 3) == 1  # batch 8
 
 
 # --- GPU: real shapes, CUDA graphs --------------------------------------------------------------------------------
@@ -242,3 +322,17 @@ def test_gpu_graph_replay_follows_the_cache_length(D, n_kv, sliding):
         graph.replay()
         torch.cuda.synchronize()
         check_close(out, q, k, v, pos_now)
+
+
+GPU_D512 = {"before-parts": Tile(64, 32, 8, 2), "parts2": Tile(128, 32, 8, 2, v_parts=2, prefetch=True),
+            "default": CUDA_TILES[512]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_D512))
+@pytest.mark.parametrize("B,cache", [(1, 32768), (2, 4096)])
+def test_gpu_d512_variants(name, B, cache):
+    """Each full-layer variant compiled at the real shape, split (batch 1) and not."""
+    q, k, v, pos = real_inputs(512, 2, False, cache, B)
+    config = default_config(q, 2, pos.shape[1], 256, GPU_D512[name])
+    check_close(canvas_attention(q, k, v, pos, config=config), q, k, v, pos)

@@ -99,6 +99,17 @@ def configure_cuda_kernels(device: torch.device) -> None:
     configure_cuda_kernels.done = True
 
 
+def fuse_for_cuda(model, device: torch.device) -> None:
+    """On CUDA, stack each layer's q/k/v and gate/up weights so each group is one GEMM (models/fusion.py) unless
+    DGEMMA_FUSE=0. Every stepper calls it before capturing graphs (a graph records the weights' addresses), so every
+    fast-path model is stacked whatever built it (loader, LoRA merge, random bench weights); once stacked it is a
+    no-op. Not on the CPU, where the static step must reproduce the reference step bit for bit."""
+    if device.type == "cuda" and os.environ.get("DGEMMA_FUSE", "1") != "0":
+        from dgemma.models.fusion import fuse_projections
+
+        fuse_projections(model)
+
+
 class StaticStepper:
     def __init__(self, model, cache: KVCache, params: DiffusionParams, batch: int, generator=None,
                  use_graph: bool | None = None, sample_rows: int | None = None):
@@ -124,6 +135,7 @@ class StaticStepper:
         self.commit_graph: torch.cuda.CUDAGraph | None = None
         self.first_graph: torch.cuda.CUDAGraph | None = None  # a step with the commit pass folded in
         configure_cuda_kernels(dev)
+        fuse_for_cuda(model, dev)
         # On CUDA with Triton the sampler is one fused kernel with Philox noise keyed by a per-row seed (drawn from
         # the generator at each canvas start) and a step counter; elsewhere the exponential race in torch.
         self.fused_sample = SAMPLER["fused_sample"] if dev.type == "cuda" else None
@@ -180,11 +192,12 @@ class StaticStepper:
     @torch.inference_mode()
     def _step(self, fold: bool = False) -> None:
         p, model = self.params, self.model
+        raw = self.fused_sample is not None  # the fused sampler applies the softcap to the raw LM-head output
         if fold:  # the commit pass of enc_ids rides along (fold_commit)
             logits = model.denoise_folded_static(self.enc_ids, self.enc_pos, self.canvas, self.dpos, self.cache,
-                                                 self.soft)  # [B, C, V] fp32
+                                                 self.soft, raw)  # [B, C, V]
         else:
-            logits = model.denoise_static(self.canvas, self.dpos, self.cache, self.soft)  # [B, C, V] fp32
+            logits = model.denoise_static(self.canvas, self.dpos, self.cache, self.soft, raw)  # [B, C, V]
         temp = S.temperature(self.cur_step, p.max_denoising_steps, p.t_min, p.t_max, logits.device)
         if self.fused_sample is not None:
             sampled, new_argmax, accepted, confident, soft = self._sample_fused(logits, temp)
@@ -203,10 +216,12 @@ class StaticStepper:
         self.done.copy_(self.done | stop)
 
     def _sample_fused(self, logits: torch.Tensor, temp: torch.Tensor):
-        """The Triton sampler: one read of the logits; → sampled, argmax, accepted, confident [B, C]/[B], soft."""
+        """The Triton sampler: one read of the raw LM-head output (softcap inside); → sampled, argmax, accepted,
+        confident [B, C]/[B], soft."""
         B, C, V = logits.shape
         sample, amax, h, probs = self.fused_sample(logits.view(B * C, V), temp.reshape(1), self.noise_seed,
-                                                   self.noise_step, probs_dtype=self.soft.dtype)
+                                                   self.noise_step, probs_dtype=self.soft.dtype,
+                                                   softcap=self.model.args.final_logit_softcapping or 0.0)
         self.noise_step.add_(1)  # captured: every replay draws fresh Philox noise
         h = h.view(B, C)
         return (sample.view(B, C), amax.view(B, C), S.accept_mask(h, self.params.entropy_bound),
@@ -285,6 +300,7 @@ class BatchStepper:
         assert self.buckets[-1] >= max_batch
         self.views = {n: cache.view(slice(0, n)) for n in self.buckets}
         configure_cuda_kernels(dev)
+        fuse_for_cuda(model, dev)
         if use_graph is None:  # as StaticStepper: fp32 sdpa's math path is not capturable
             use_graph = dev.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         self.use_graph = use_graph

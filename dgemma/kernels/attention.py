@@ -10,15 +10,22 @@ Notable choices:
 - Only key blocks below kv_len are read. kv_len is a device tensor, clamped to C in the kernel, so one value serves
   every layer (`cache_lengths`: a sliding ring holds slots 0..len-1 until it wraps, then all of them) and a
   captured CUDA graph follows a growing cache without recapture or host sync. pos still masks slot by slot (left
-  padding, rolled-back rows, a ring's holes), so kv_len only has to be an upper bound.
+  padding, rolled-back rows, a ring's holes), so kv_len only has to be an upper bound. With `prefetch` pos masks
+  the scores only and empty slots below kv_len are loaded with weight 0, so they must hold finite values (the cache
+  is zero-initialised and only ever stores K/V); without it their loads are masked too.
 - GQA natively: the rep = H / Hkv query heads of a KV head are stacked into rep·T rows (as the model does) and a
   program takes BLOCK_M of them, so each K/V block it loads serves all its rows; K/V are never repeated.
 - Split-KV (flash-decoding): when B · Hkv · row-blocks programs do not fill the GPU (batch 1, long prompt), up to
   `splits` programs share a row block's keys and a second kernel merges their partial outputs by log-sum-exp.
   The grid is fixed by shapes (graphs); how many splits actually work is decided on the device from kv_len
-  (one per `blocks_per_split` key blocks), so a short prompt runs unsplit and writes its output directly.
+  (one per `blocks_per_split` key blocks), so a short prompt runs unsplit and writes its output directly. The
+  split count fills whole waves of `Tile.per_sm` programs per SM (`split_count`).
+- Column parts (`v_parts`, the D = 512 full layers): v_parts programs share a row block, each computing the whole
+  QKᵀ but P·V for D / v_parts output columns only, so the fp32 accumulator fits twice the rows (why: CUDA_TILES).
 - fp32 scores and accumulator, online softmax in base 2, probabilities rounded to the input dtype for the P·V
-  product (as flash attention does), output rounded once. fp32 inputs use IEEE dots (no TF32).
+  product (as flash attention does), output rounded once. fp32 inputs use IEEE dots (no TF32). `lazy_rescale`
+  (FlashAttention-4's conditional rescaling) keeps a row's stale max until some row of the tile outgrows it by
+  2^8: the same quotient, with probabilities up to 2^8 whose bf16 rounding is as relative as below 1.
 - Under TRITON_INTERPRET=1 the key loop is a `while` (the interpreter cannot take a runtime `range` bound with
   numpy >= 2.4); on GPU it is a `for`, which Triton software-pipelines. Both run the same `_attend_block`.
 """
@@ -34,23 +41,54 @@ import triton
 import triton.language as tl
 
 
+class Tile(NamedTuple):
+    """A head dim's tile shape and kernel variant on CUDA (one CUDA_TILES entry)."""
+    block_m: int  # stacked query rows per program
+    block_n: int  # keys per block
+    warps: int
+    stages: int  # software-pipeline depth of the K/V loads
+    v_parts: int = 1  # programs per row block, each computing the full QKᵀ but P·V for D / v_parts output columns
+    prefetch: bool = False  # K/V loads masked by kv_len only (pos masks the scores): no pos load blocks the loop
+    lazy_rescale: bool = False  # rescale the accumulator only when a running max grew by more than 2^8
+    per_sm: int = 1  # programs resident per SM (shared memory, registers), for the split count
+
+
 class Config(NamedTuple):
-    """Launch parameters. splits: most programs per row block (1 = never split); blocks_per_split: key blocks
-    (valid ones, counted on the device) that justify one more split."""
+    """Launch parameters: a Tile's fields plus splits (most programs sharing a row block's keys; 1 = never split)
+    and blocks_per_split (valid key blocks, counted on the device, that justify one more split)."""
     block_m: int
     block_n: int
     warps: int
     stages: int
     splits: int = 1
     blocks_per_split: int = 8
+    v_parts: int = 1
+    prefetch: bool = False
+    lazy_rescale: bool = False
+
+    @classmethod
+    def of(cls, tile: Tile, splits: int = 1, blocks_per_split: int = 8) -> Config:
+        return cls(*tile[:4], splits, blocks_per_split, tile.v_parts, tile.prefetch, tile.lazy_rescale)
 
 
-# Tile shapes per head dim on CUDA (untuned guesses, H100/H200: the bench's --sweep measures the alternatives).
-# Registers: the fp32 accumulator is BLOCK_M × D (D = 512: 128 KB, so 8 warps); shared memory: K and V tiles of
-# BLOCK_N × D bf16 per pipeline stage.
-CUDA_TILES = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (128, 64, 8, 3),
-              512: (64, 32, 8, 2)}
-INTERPRET_TILES = (16, 16, 1, 1)
+# Tiles per head dim on CUDA (H100/H200): scripts/gpu_attention_bench.py --sweep (D 256) and --sweep-full (D 512)
+# measure the alternatives. Q (BLOCK_M × D) stays in shared memory next to `stages` K/V blocks; the fp32 accumulator
+# (BLOCK_M × D / v_parts) lives in registers.
+# D = 512, the full layers (read off the sm_90a code Triton 3.6 generates). Triton puts all warps of a flash-
+# attention QKᵀ along M (64 rows per 4-warp warpgroup) but sizes its wgmma N as if they split N. A 64 × 512
+# accumulator needs 8 warps (128 fp32 registers a thread), so at BLOCK_M 64 both warpgroups compute the same scores,
+# in N = 16 halves that each re-read Q from shared memory; BLOCK_M 128 over the whole D would need 256 registers a
+# thread. v_parts = 2 halves the accumulator instead: BLOCK_M 128 in 8 warps, each warpgroup its own 64 rows, one
+# m64n32 wgmma per k-step. The QKᵀ is still computed twice (once per column part), but Q is read from shared memory
+# half as often per score and each K/V byte fetched from L2 serves 128 rows, not 64. Q (128 KB) and 2 stages of K
+# and half-V blocks (48 KB each) fill 224 of the 227 KB of shared memory: BLOCK_N 32. prefetch removes the pos load
+# that blocked every key block; lazy_rescale skips the 128 × 256 multiply of acc (a sixth of the loop's
+# instructions) on most blocks. Not yet timed on a GPU: --sweep-full compares it with the tile it replaces,
+# Tile(64, 32, 8, 2) ("current").
+CUDA_TILES = {16: Tile(128, 64, 4, 3), 32: Tile(128, 64, 4, 3), 64: Tile(128, 64, 4, 3), 128: Tile(128, 64, 8, 3),
+              256: Tile(128, 64, 8, 3),
+              512: Tile(128, 32, 8, 2, v_parts=2, prefetch=True, lazy_rescale=True)}
+INTERPRET_SHAPE = dict(block_m=16, block_n=16, warps=1, stages=1)  # CPU tests, with CUDA_TILES[D]'s kernel variant
 # A split must carry ~8 key blocks of work to pay for writing and merging its fp32 partial output.
 BLOCKS_PER_SPLIT = 8
 _TILE_FITS: dict[tuple[int | None, int, torch.dtype], int] = {}  # (device, D, dtype) → tile_candidates index
@@ -69,30 +107,48 @@ def _mma(a, b, PREC: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, skn, svn, n, nb_c, CAP, END, cols,
-                  BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """One key block i of the virtual key list [cache blocks 0..nb_c-1 | scratch blocks] into the online softmax.
-    Returns the updated (acc [BLOCK_M, D], m_i, l_i [BLOCK_M]); m_i, l_i are in base 2."""
-    in_cache = i < nb_c
-    start = tl.where(in_cache, i * BLOCK_N, CAP + (i - nb_c) * BLOCK_N)
-    slots = start + tl.arange(0, BLOCK_N)
-    ok = slots < tl.where(in_cache, n, END)
-    slot_pos = tl.load(pos_row + slots, mask=ok & in_cache, other=0)  # scratch slots read as position 0: valid
-    ok = ok & (slot_pos >= 0)
-    k = tl.load(k_base + slots[:, None] * skn + cols[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_N, D]
-    s = _mma(q, tl.trans(k), PREC, INTERPRET) * 1.4426950408889634  # log2(e): exp2 below; the scale is 1
-    s = tl.where(ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _rescale(acc, l_i, m_i, m_new):
+    """Move the running sums from base m_i to m_new (>= m_i) per row."""
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing valid yet: keep exp2 at 0, not NaN
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    v = tl.load(v_base + slots[:, None] * svn + cols[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_N, D]
-    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC, INTERPRET)
-    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+    return acc * alpha[:, None], l_i * alpha, m_new
 
 
 @triton.jit
-def _splits_at(n, CAP, SCRATCH, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BPS):
+def _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, skn, svn, n, nb_c, CAP, END, cols, vcols,
+                  BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, LAZY_RESCALE: tl.constexpr, PREC: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """One key block i of the virtual key list [cache blocks 0..nb_c-1 | scratch blocks] into the online softmax.
+    Scores use all D columns of q and K; the values only the program's output columns vcols. Returns the updated
+    (acc [BLOCK_M, len(vcols)], m_i, l_i [BLOCK_M]); m_i, l_i are in base 2."""
+    in_cache = i < nb_c
+    start = tl.where(in_cache, i * BLOCK_N, CAP + (i - nb_c) * BLOCK_N)
+    slots = start + tl.arange(0, BLOCK_N)
+    inside = slots < tl.where(in_cache, n, END)
+    slot_pos = tl.load(pos_row + slots, mask=inside & in_cache, other=0)  # scratch slots read as position 0: valid
+    ok = inside & (slot_pos >= 0)
+    # PREFETCH: the K/V masks depend on kv_len only, not on the pos load, so Triton pipelines the K/V loads with no
+    # blocking load of pos in the loop; empty slots below kv_len are then read (and weighted 0), so must be finite.
+    kv_ok = inside if PREFETCH else ok
+    k = tl.load(k_base + slots[:, None] * skn + cols[None, :], mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D]
+    s = _mma(q, tl.trans(k), PREC, INTERPRET) * 1.4426950408889634  # log2(e): exp2 below; the scale is 1
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if LAZY_RESCALE:  # FA4's conditional rescaling: a row keeps its stale max until a row of the tile outgrows its
+        # own by more than 2^8 (p <= 256 meanwhile: same sums, same relative rounding of P), which saves the
+        # BLOCK_M × DV multiply of acc on most blocks.
+        if tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0) > 8.0:
+            acc, l_i, m_i = _rescale(acc, l_i, m_i, m_new)
+    else:
+        acc, l_i, m_i = _rescale(acc, l_i, m_i, m_new)
+    p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+    v = tl.load(v_base + slots[:, None] * svn + vcols[None, :], mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, DV]
+    acc += _mma(p.to(v.dtype), v, PREC, INTERPRET)
+    return acc, m_i, l_i + tl.sum(p, 1)
+
+
+@triton.jit
+def _splits_at(n, CAP, SCRATCH, BLOCK_N: tl.constexpr, SPLITS, BPS):
     """(cache blocks, all blocks, working splits) of a row holding n valid-bounded cache slots."""
     nb_c = tl.cdiv(n, BLOCK_N)
     total = nb_c + tl.cdiv(SCRATCH, BLOCK_N)
@@ -101,20 +157,24 @@ def _splits_at(n, CAP, SCRATCH, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BPS
 
 @triton.jit
 def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, out_ptr, part_ptr, lse_ptr,
-                        H, T, REP, CAP, SCRATCH, BPS,
+                        H, T, REP, CAP, SCRATCH, SPLITS, BPS,
                         sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, spb, sob, soh, sot,
-                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                        PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    # grid: (row blocks of the REP·T rows of one KV head, B · Hkv, SPLITS)
+                        D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SPLIT: tl.constexpr, PREFETCH: tl.constexpr, LAZY_RESCALE: tl.constexpr, PREC: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    # grid: (row blocks of the REP·T rows of one KV head × D // DV column parts, B · Hkv, SPLITS). SPLITS is a
+    # runtime value, so one compile serves every split count; SPLIT (SPLITS > 1) compiles the partial outputs in.
     bg = tl.program_id(1)
     b = (bg // (H // REP)).to(tl.int64)
     g = (bg % (H // REP)).to(tl.int64)
     split = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # stacked row = (head within the group) · T + t
+    part = tl.program_id(0) % (D // DV)  # which DV output columns this program accumulates
+    rows = tl.program_id(0) // (D // DV) * BLOCK_M + tl.arange(0, BLOCK_M)  # stacked row = head in group · T + t
     row_ok = rows < REP * T
     h = g * REP + rows // T
     t = rows % T
     cols = tl.arange(0, D)
+    vcols = part * DV + tl.arange(0, DV)
     q = tl.load(q_ptr + (b * sqb + h * sqh + t * sqt)[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
 
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), CAP), 0)
@@ -125,30 +185,33 @@ def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, out_ptr, part_ptr
     k_base = k_ptr + b * skb + g * skh
     v_base = v_ptr + b * svb + g * svh
     pos_row = pos_ptr + b * spb
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if INTERPRET:
         i = lo
         while i < hi:
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, skn, svn, n, nb_c, CAP,
-                                          CAP + SCRATCH, cols, BLOCK_N, PREC, INTERPRET)
+                                          CAP + SCRATCH, cols, vcols, BLOCK_N, PREFETCH, LAZY_RESCALE, PREC,
+                                          INTERPRET)
             i += 1
     else:
         for i in range(lo, hi):
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, skn, svn, n, nb_c, CAP,
-                                          CAP + SCRATCH, cols, BLOCK_N, PREC, INTERPRET)
+                                          CAP + SCRATCH, cols, vcols, BLOCK_N, PREFETCH, LAZY_RESCALE, PREC,
+                                          INTERPRET)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i = 0 only for rows with no valid key at all
-    out_ptrs = out_ptr + (b * sob + h * soh + t * sot)[:, None] + cols[None, :]
-    if SPLITS == 1:
+    out_ptrs = out_ptr + (b * sob + h * soh + t * sot)[:, None] + vcols[None, :]
+    if not SPLIT:
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     elif (active == 1) & (split == 0):  # the row is unsplit at this length: no merge needed
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     elif split < active:
         flat = ((split * (tl.num_programs(1) // (H // REP)) + b) * H + h) * T + t  # [SPLITS, B, H, T] row index
-        tl.store(part_ptr + flat[:, None] * D + cols[None, :], o, mask=row_ok[:, None])
-        tl.store(lse_ptr + flat, m_i + tl.log2(l_i), mask=row_ok)  # -inf where l_i = 0: weight 0 in the merge
+        tl.store(part_ptr + flat[:, None] * D + vcols[None, :], o, mask=row_ok[:, None])
+        # -inf where l_i = 0: weight 0 in the merge. Every column part computes the same m_i, l_i: part 0 writes.
+        tl.store(lse_ptr + flat, m_i + tl.log2(l_i), mask=row_ok & (part == 0))
 
 
 @triton.jit
@@ -190,27 +253,38 @@ def cache_lengths(pos: torch.Tensor) -> torch.Tensor:
     return (pos.amax(dim=1) + 1).to(torch.int32)
 
 
-def tile_candidates(D: int) -> list[tuple[int, int, int, int]]:
-    """CUDA_TILES[D], then with fewer pipeline stages, then narrower key blocks: the launcher keeps the first that
-    fits the GPU (Triton raises OutOfResources at the first launch when shared memory runs out)."""
-    block_m, block_n, warps, stages = CUDA_TILES[D]
-    return ([(block_m, block_n, warps, s) for s in range(stages, 0, -1)]
-            + [(block_m, n, warps, 1) for n in (block_n // 2, block_n // 4) if n >= 16])
+def tile_candidates(D: int) -> list[Tile]:
+    """CUDA_TILES[D], then with fewer pipeline stages, then narrower key blocks, then half the rows (fp32 at D 512):
+    the launcher keeps the first that fits the GPU (Triton raises OutOfResources at the first launch when shared
+    memory runs out)."""
+    tile = CUDA_TILES[D]
+    return ([tile._replace(stages=s) for s in range(tile.stages, 0, -1)]
+            + [tile._replace(block_n=n, stages=1) for n in (tile.block_n // 2, tile.block_n // 4) if n >= 16]
+            + [tile._replace(block_m=tile.block_m // 2, block_n=16, stages=1)])
 
 
-def default_config(q: torch.Tensor, n_kv: int, cap: int, scratch: int,
-                   tiles: tuple[int, int, int, int] | None = None) -> Config:
-    """`tiles` (default: the first candidate for the head dim) and, on CUDA, enough splits to give every SM two
-    programs (batch 1), at most one per BLOCKS_PER_SPLIT key blocks of the whole buffer. Fixed by shapes (graphs)."""
+def split_count(programs: int, slots: int, max_splits: int) -> int:
+    """Splits per row block for `programs` unsplit programs on `slots` resident programs (SMs × Tile.per_sm): the
+    fewest that fill 90% of the slots of the waves they need, else the best up to max_splits. Batch 1 at D = 512,
+    one program per SM: 64 programs → 2 splits, one wave of 128 on 132 SMs."""
+    def filled(s: int) -> float:
+        return programs * s / (triton.cdiv(programs * s, slots) * slots)
+    candidates = range(1, max(1, max_splits) + 1)
+    return next((s for s in candidates if filled(s) >= 0.9), max(candidates, key=filled))
+
+
+def default_config(q: torch.Tensor, n_kv: int, cap: int, scratch: int, tile: Tile | None = None) -> Config:
+    """`tile` (default: the first candidate for the head dim) and, on CUDA, enough splits to fill the GPU (batch 1),
+    at most one per BLOCKS_PER_SPLIT key blocks of the whole buffer. Fixed by shapes (graphs)."""
     B, H, T, D = q.shape
     if q.device.type != "cuda":
-        return Config(*INTERPRET_TILES)
-    block_m, block_n, warps, stages = tiles or tile_candidates(D)[0]
-    programs = triton.cdiv((H // n_kv) * T, block_m) * B * n_kv
+        return Config.of(CUDA_TILES[D]._replace(**INTERPRET_SHAPE))
+    tile = tile or tile_candidates(D)[0]
+    programs = triton.cdiv((H // n_kv) * T, tile.block_m) * tile.v_parts * B * n_kv
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    max_blocks = triton.cdiv(cap, block_n) + triton.cdiv(scratch, block_n)
-    splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max_blocks, BLOCKS_PER_SPLIT), 16))
-    return Config(block_m, block_n, warps, stages, splits, BLOCKS_PER_SPLIT)
+    max_blocks = triton.cdiv(cap, tile.block_n) + triton.cdiv(scratch, tile.block_n)
+    splits = split_count(programs, sms * tile.per_sm, min(triton.cdiv(max_blocks, BLOCKS_PER_SPLIT), 16))
+    return Config.of(tile, splits, BLOCKS_PER_SPLIT)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor | None):
@@ -282,14 +356,16 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
     part = torch.empty(cfg.splits, R, D, dtype=torch.float32, device=q.device) if cfg.splits > 1 else out
     lse = torch.empty(cfg.splits, R, dtype=torch.float32, device=q.device) if cfg.splits > 1 else out
     rep = H // n_kv
-    grid = (triton.cdiv(rep * T, cfg.block_m), B * n_kv, cfg.splits)
+    if D % cfg.v_parts:
+        raise ValueError(f"canvas_attention: v_parts {cfg.v_parts} does not divide head dim {D}")
+    grid = (triton.cdiv(rep * T, cfg.block_m) * cfg.v_parts, B * n_kv, cfg.splits)
     _canvas_attn_kernel[grid](
-        q, k, v, pos, kv_len, out, part, lse, H, T, rep, cap, scratch, cfg.blocks_per_split,
+        q, k, v, pos, kv_len, out, part, lse, H, T, rep, cap, scratch, cfg.splits, cfg.blocks_per_split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), pos.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=cfg.splits,
-        PREC="ieee" if q.dtype == torch.float32 else None, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        D=D, DV=D // cfg.v_parts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.splits > 1,
+        PREFETCH=cfg.prefetch, LAZY_RESCALE=cfg.lazy_rescale, PREC="ieee" if q.dtype == torch.float32 else None,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.warps, num_stages=cfg.stages)
     if cfg.splits > 1:
         block_r = max(1, 4096 // D)
         _merge_kernel[(triton.cdiv(R, block_r),)](

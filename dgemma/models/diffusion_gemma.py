@@ -21,6 +21,7 @@ from torch import nn
 
 from dgemma.config import ModelArgs
 from dgemma.engine.cache import KVCache
+from dgemma.models.fusion import fused_weight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -53,8 +54,8 @@ def use_compiled_kernels(enabled: bool = True) -> None:
     if enabled:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     KERNELS["rms_norm"] = torch.compile(rms_norm, dynamic=False) if enabled else rms_norm
-    KERNELS["feed_forward"] = torch.compile(Layer.feed_forward, dynamic=False) if enabled else None
-    KERNELS["project"] = torch.compile(Attention.project, dynamic=False) if enabled else None
+    KERNELS["feed_forward"] = torch.compile(Layer._feed_forward, dynamic=False) if enabled else None
+    KERNELS["project"] = torch.compile(Attention._project, dynamic=False) if enabled else None
 
 
 def use_triton_kernels(enabled: bool = True) -> None:
@@ -138,11 +139,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.v_norm = RMSNorm(self.head_dim, args.rms_norm_eps, with_scale=False)
+        self.qkv_names = ("q", "k", "v") if self.sliding else ("q", "k")
+        self.qkv_sizes = [self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * (len(self.qkv_names) - 1)
         if bias:
             # Upstream ties encoder and decoder *weights* only: with attention_bias the encoder keeps its own biases.
-            for name in ("q", "k", "v", "o") if self.sliding else ("q", "k", "o"):
+            for name in (*self.qkv_names, "o"):
                 proj = getattr(self, f"{name}_proj")
                 self.register_parameter(f"encoder_{name}_bias", nn.Parameter(torch.zeros(proj.out_features)))
+        self.fused = {}  # fusion.fuse_projections: group name → FusedRows
+
+    def fused_qkv(self, encoder: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The stacked q/k(/v) weight and bias of this pass while the stacking holds, else None (separate GEMMs)."""
+        weight, has_bias = fused_weight(self, "qkv"), self.q_proj.bias is not None
+        bias = fused_weight(self, "encoder_qkv_bias" if encoder else "qkv_bias") if has_bias else None
+        return None if weight is None or (has_bias and bias is None) else (weight, bias)
 
     def linear(self, name: str, x: torch.Tensor, encoder: bool) -> torch.Tensor:
         proj = getattr(self, f"{name}_proj")
@@ -150,14 +160,23 @@ class Attention(nn.Module):
         return F.linear(x, proj.weight, bias)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, encoder: bool = False):
+        """x [B, T, hidden] → q [B, H, T, D], k and v [B, Hkv, T, D]: projections, norms, RoPE."""
+        fused = self.fused_qkv(encoder)  # looked up here: data pointers cannot be traced by torch.compile
         if KERNELS["project"] is not None and x.is_cuda and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():
-            return KERNELS["project"](self, x, cos, sin, encoder)
+            return KERNELS["project"](self, x, cos, sin, encoder, fused)
+        return self._project(x, cos, sin, encoder, fused)
+
+    def _project(self, x, cos, sin, encoder: bool, fused: tuple[torch.Tensor, torch.Tensor | None] | None):
         B, T, _ = x.shape
-        q = self.q_norm(self.linear("q", x, encoder).view(B, T, self.n_heads, self.head_dim))  # [B, T, H, D]
+        if fused is not None:  # one GEMM over the stacked weight, split into views
+            out = F.linear(x, *fused).split(self.qkv_sizes, dim=-1)  # [B, T, H*D], [B, T, Hkv*D] (, [B, T, Hkv*D])
+        else:
+            out = [self.linear(name, x, encoder) for name in self.qkv_names]
+        q = self.q_norm(out[0].view(B, T, self.n_heads, self.head_dim))  # [B, T, H, D]
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
-        k_raw = self.linear("k", x, encoder).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
-        v = self.linear("v", x, encoder).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        k_raw = out[1].view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
+        v = out[2].view(B, T, self.n_kv, self.head_dim) if len(out) == 3 else k_raw  # K=V on full layers
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_norm(v).transpose(1, 2)  # [B, Hkv, T, D]
         return q, k, v
@@ -278,6 +297,16 @@ class Attention(nn.Module):
         return self.o_proj(torch.cat(out, dim=1))  # [B, 2C, hidden]
 
 
+def gated_mlp(mlp: nn.Module, x: torch.Tensor, gate_up: torch.Tensor | None = None) -> torch.Tensor:
+    """down(gelu_tanh(gate(x)) * up(x)) for a module with gate_proj/up_proj/down_proj; `gate_up` [2I, hidden] is
+    their stacked weight (fusion.py), one GEMM instead of two, or None."""
+    if gate_up is not None:
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [..., I] views
+    else:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return mlp.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
 class MLP(nn.Module):
     """Gated GELU(tanh) MLP: the dense branch of each layer, and the self-conditioning block's body."""
 
@@ -286,9 +315,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.fused = {}  # fusion.fuse_projections: "gate_up" → FusedRows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+    def forward(self, x: torch.Tensor, gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        return gated_mlp(self, x, gate_up)
 
 
 class Router(nn.Module):
@@ -389,10 +419,14 @@ class Layer(nn.Module):
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = fused_weight(self.mlp, "gate_up")  # looked up here: data pointers cannot be traced by torch.compile
         if KERNELS["feed_forward"] is not None and x.is_cuda and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():
-            return KERNELS["feed_forward"](self, x)
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+            return KERNELS["feed_forward"](self, x, gate_up)
+        return self._feed_forward(x, gate_up)
+
+    def _feed_forward(self, x: torch.Tensor, gate_up: torch.Tensor | None) -> torch.Tensor:
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x), gate_up))
         flat = x.reshape(-1, x.shape[-1])  # [B*T, hidden]
         weights, idx = self.router(flat)  # the router reads the residual, not the normed input
         moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx).reshape(x.shape)
@@ -436,11 +470,11 @@ class SelfConditioning(nn.Module):
         self.gate_proj = nn.Linear(H, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(H, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, H, bias=False)
+        self.fused = {}  # fusion.fuse_projections: "gate_up" → FusedRows
 
     def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         if soft is not None:  # with soft = 0 the MLP output is exactly 0, so skipping it is exact
-            n = self.pre_norm(soft)
-            embeds = embeds + self.down_proj(F.gelu(self.gate_proj(n), approximate="tanh") * self.up_proj(n))
+            embeds = embeds + gated_mlp(self, self.pre_norm(soft), fused_weight(self, "gate_up"))
         return self.post_norm(embeds)
 
 
@@ -474,8 +508,13 @@ class DiffusionGemma(nn.Module):
             out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return out
 
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.embed_tokens.weight).float()
+    def lm_head(self, h: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """Softcapped fp32 logits; `raw`: the GEMM's output in the model dtype, for a sampler that applies the
+        softcap itself while reading it (kernels/sampler.py), so no fp32 [.., V] tensor is written."""
+        logits = F.linear(h, self.embed_tokens.weight)
+        if raw:
+            return logits
+        logits = logits.float()
         cap = self.args.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -529,17 +568,17 @@ class DiffusionGemma(nn.Module):
         return self.lm_head(self.run_layers(x, pos, cache, False))
 
     def denoise_static(self, canvas: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-                       soft: torch.Tensor) -> torch.Tensor:
+                       soft: torch.Tensor, raw: bool = False) -> torch.Tensor:
         """`denoise` with fixed shapes and no host syncs, for CUDA-graph capture (engine/fast.py). Takes the
         self-conditioning soft embeddings [B, C, hidden] directly (zeros on the first step give exactly the same
-        result as no self-conditioning) and needs a cache built with `scratch=canvas_length`."""
+        result as no self-conditioning) and needs a cache built with `scratch=canvas_length`. `raw`: see lm_head."""
         if canvas_kernel_on(canvas):
             cache.kv_len = KERNELS["cache_lengths"](cache.pos[0])  # [B] on the device, recomputed at every replay
         x = self.self_conditioning(self.embed(canvas), soft)
-        return self.lm_head(self.run_layers(x, pos, cache, False, static=True))
+        return self.lm_head(self.run_layers(x, pos, cache, False, static=True), raw)
 
     def denoise_folded_static(self, ids: torch.Tensor, enc_pos: torch.Tensor, canvas: torch.Tensor,
-                              pos: torch.Tensor, cache: KVCache, soft: torch.Tensor) -> torch.Tensor:
+                              pos: torch.Tensor, cache: KVCache, soft: torch.Tensor, raw: bool = False) -> torch.Tensor:
         """`encode_static(ids, enc_pos, cache)` (the commit pass of the canvas committed last) folded into
         `denoise_static(canvas, pos, cache, soft)` (the next canvas's first step): one forward over [B, 2C] tokens,
         so every layer's weights are read once for both (at batch 1 each pass streams all the weights). Writes the
@@ -553,7 +592,7 @@ class DiffusionGemma(nn.Module):
         rope = self.rope(torch.cat([enc_pos, pos.expand(B, -1)], dim=1), x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer.forward_folded(x, *rope[self.args.layer_types[i]], cache, enc_pos)
-        return self.lm_head(self.norm(x[:, C:]))  # the encoder half's output is not needed (as in a commit pass)
+        return self.lm_head(self.norm(x[:, C:]), raw)  # the encoder half's output is not needed (as in a commit pass)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
