@@ -83,10 +83,12 @@ class Config(NamedTuple):
 # half as often per score and each K/V byte fetched from L2 serves 128 rows, not 64. Q (128 KB) and 2 stages of K
 # and half-V blocks (48 KB each) fill 224 of the 227 KB of shared memory: BLOCK_N 32. prefetch removes the pos load
 # that blocked every key block; lazy_rescale skips the 128 × 256 multiply of acc (a sixth of the loop's
-# instructions) on most blocks. Not yet timed on a GPU: --sweep-full compares it with the tile it replaces,
-# Tile(64, 32, 8, 2) ("current").
+# instructions) on most blocks. Measured (H200, --sweep-full, benchmarks/results/session3/attn_sweep_full_h200.txt):
+# 1.46 ms per full layer at B=1 / 32K keys (190 TFLOP/s) vs 2.30 ms for the Tile(64, 32, 8, 2) it replaces; twice the
+# splits would give 1.38 ms there but 0.070 vs 0.050 ms at a 512 prompt, so the default split rule stays. D = 256:
+# prefetch was the sweep's winner (0.034 vs 0.037 ms per sliding layer at B=1, 0.146 vs 0.154 at B=8 / 4096).
 CUDA_TILES = {16: Tile(128, 64, 4, 3), 32: Tile(128, 64, 4, 3), 64: Tile(128, 64, 4, 3), 128: Tile(128, 64, 8, 3),
-              256: Tile(128, 64, 8, 3),
+              256: Tile(128, 64, 8, 2, prefetch=True),
               512: Tile(128, 32, 8, 2, v_parts=2, prefetch=True, lazy_rescale=True)}
 INTERPRET_SHAPE = dict(block_m=16, block_n=16, warps=1, stages=1)  # CPU tests, with CUDA_TILES[D]'s kernel variant
 # A split must carry ~8 key blocks of work to pay for writing and merging its fp32 partial output.

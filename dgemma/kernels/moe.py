@@ -167,8 +167,8 @@ class Tile(NamedTuple):
 
 
 # CUDA tiles per BLOCK_M: (gate_up, down), the fastest of scripts/gpu_moe_bench.py's sweep on an H200 at the real
-# 26B-A4B expert shape (H 2816, I 704, 128 experts, top 8; benchmarks/results/moe_tiles_h200_f464fe1.txt). At 256
-# tokens (batch 1) they stream the expert weights at 98% (gate_up) and 89% (down) of the measured copy bandwidth.
+# 26B-A4B expert shape (H 2816, I 704, 128 experts, top 8; benchmarks/results/session3/moe_tiles_h200_f464fe1.txt).
+# At 256 tokens (batch 1) they stream the expert weights at 98% (gate_up) and 89% (down) of copy bandwidth.
 CUDA_TILES = {16: (Tile(64, 128, 4, 3), Tile(64, 64, 4, 4)),
               32: (Tile(64, 128, 4, 3), Tile(64, 128, 4, 3)),
               64: (Tile(64, 64, 4, 4), Tile(128, 64, 4, 4)),
