@@ -229,6 +229,44 @@ def test_folded_step_counts_the_committed_slots_in_kv_len(tiny_ckpt, monkeypatch
     assert (ref - sdpa).abs().max() <= 1e-4 and (out - ref).abs().max() <= 1e-4
 
 
+def test_static_encoder_through_the_causal_kernel(tiny_ckpt, monkeypatch):
+    """`encoder_static_context` through the canvas-attention kernel's causal mode (forced on; Triton's interpreter on
+    the CPU) instead of `prefix_mask` + sdpa: the commit pass (`encode_static`: its cache and hidden states) and the
+    folded step (logits, cache) come out as on the sdpa path, over wrapped rings (window 8 < canvas 16) and a
+    left-padded row; every kernel call gets a kv_len bound."""
+    pytest.importorskip("triton")
+    from dgemma.kernels.attention import cache_lengths, canvas_attention
+    from dgemma.models import diffusion_gemma as dg
+
+    llm = LLM(tiny_ckpt("a"), device="cpu")  # head dims 16 and 32: both take the kernel's path
+    C = llm.args.canvas_length
+    ids = torch.randint(3, llm.args.vocab_size, (2, C), generator=torch.Generator().manual_seed(9))
+
+    def run():
+        (logits, cache), (folded, folded_cache) = (commit_then_step(llm, (40, 29), fold, 1.0) for fold in (False, True))
+        with torch.no_grad():  # a second commit pass, over the longer cache: its hidden states too
+            h = llm.model.encode_static(ids, torch.arange(40 + C, 40 + 2 * C).expand(2, -1), cache)
+        return (logits, folded, h), (cache, folded_cache)
+
+    sdpa = run()
+    calls = []
+
+    def kernel(q, k, v, pos, kv_len, **causal):
+        calls.append((kv_len is not None, causal.get("qpos") is not None))
+        return canvas_attention(q, k, v, pos, kv_len, **causal)
+    monkeypatch.setitem(dg.KERNELS, "canvas_attention", kernel)
+    monkeypatch.setitem(dg.KERNELS, "cache_lengths", cache_lengths)
+    monkeypatch.setattr(dg, "canvas_kernel_on", lambda x: True)
+    fast = run()
+    for a, b in zip(sdpa[0], fast[0]):
+        assert (a - b).abs().max() <= 1e-4
+    for a, b in zip(sdpa[1], fast[1]):
+        assert_same_cache(a, b)
+    layers = llm.args.num_hidden_layers
+    assert all(bounded for bounded, _ in calls) and sum(causal for _, causal in calls) == 3 * layers  # 3 commits
+    assert len(calls) == 5 * layers  # and 2 decoder passes
+
+
 @pytest.mark.parametrize("name", ["a", "c"])
 def test_static_stepper_fold_commit_makes_the_same_decisions(tiny_ckpt, name):
     """StaticStepper: `fold_commit` then a canvas's steps draw and decide as `commit` then the same steps, and leave

@@ -4,7 +4,10 @@ Without a GPU the kernel runs under TRITON_INTERPRET=1 (set below, before triton
 16 × 16 tiles, so small shapes already give key counts that are not block multiples, row blocks straddling query
 heads, several key blocks per split and rows whose splits differ. Empty slots hold large garbage so that reading one
 would show. The D = 512 kernel variants (column parts, prefetched K/V, lazy rescaling) run at D 512 with a 3-token
-canvas. The `gpu` tests compile it at the real shapes and replay it in a CUDA graph as the cache grows.
+canvas. The causal mode (the encoder's commit pass) is checked against the model's own mask, `Attention.prefix_mask`
+(full layers, sliding rings with and without wrap-around, windows wider and narrower than the canvas, left padding,
+kv_len bounds, split and not). The `gpu` tests compile it at the real shapes and replay it in a CUDA graph as the
+cache grows.
 
 Tolerances: fp32 runs IEEE dots and fp32 softmax, so only summation order differs from sdpa (1e-5). In bf16 the
 kernel rounds the probabilities to bf16 for P·V (as flash attention does: ≤ 2^-9 relative per term) and rounds the
@@ -14,6 +17,8 @@ relative) of torch's own bf16 sdpa's (truncating p and the output doubles the me
 """
 
 import os
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,6 +39,7 @@ from dgemma.kernels.attention import (  # noqa: E402
     default_config,
     split_count,
 )
+from dgemma.models.diffusion_gemma import Attention  # noqa: E402
 
 # The interpreter evaluates both sides of tl.where (exp2 of -inf - -inf in rows with no valid key yet): numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero):RuntimeWarning")
@@ -79,15 +85,15 @@ def make_inputs(pos: torch.Tensor, rep: int, n_kv: int, T: int, D: int, scratch:
     return tuple(t.to(dtype).to(DEV) for t in (q, k, v)) + (pos.to(DEV),)
 
 
-def check_close(out: torch.Tensor, q, k, v, pos, kv_len=None) -> None:
+def check_close(out: torch.Tensor, q, k, v, pos, kv_len=None, reference=attention_reference) -> None:
     """out against sdpa: in fp32 directly; in bf16 against the fp32 truth on the same inputs, and no worse than
     torch's bf16 sdpa plus one ulp."""
     assert out.shape == q.shape and out.dtype == q.dtype
-    ref = attention_reference(q, k, v, pos, kv_len)
+    ref = reference(q, k, v, pos, kv_len)
     if q.dtype == torch.float32:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         return
-    truth = attention_reference(q.float(), k.float(), v.float(), pos, kv_len)
+    truth = reference(q.float(), k.float(), v.float(), pos, kv_len)
     torch.testing.assert_close(out.float(), truth, rtol=2**-6, atol=2**-7)
     err, ref_err = (out.float() - truth).abs().mean(), (ref.float() - truth).abs().mean()
     assert err <= ref_err + 2**-8 * truth.abs().mean(), (err, ref_err)  # + one bf16 ulp (2^-8 relative)
@@ -274,6 +280,138 @@ def test_launch_parameters():
     assert split_count(512, 132, 16) == split_count(256, 132, 3) == 1  # batch 8
 
 
+# --- causal mode: the encoder's commit pass (Attention.encoder_static_context) -------------------------------------
+PREFETCH_SPLIT = Config(16, 16, 4, 1, splits=2, blocks_per_split=1, prefetch=True)
+
+
+def prefix_reference(q, k, v, pos, kv_len=None, *, qpos, window):
+    """`encoder_static_context`'s sdpa path: the model's `Attention.prefix_mask` over [cache slots | T scratch slots
+    at qpos] (slots >= kv_len, if given, emptied first), query heads stacked per KV head (the mask repeated, as
+    repeating K/V would give)."""
+    B, H, T, D = q.shape
+    n_kv, cap = k.shape[1], pos.shape[1]
+    if kv_len is not None:
+        pos = torch.where(torch.arange(cap, device=pos.device) < kv_len[:, None], pos, -1)
+    layer = SimpleNamespace(sliding=window is not None, window=window)
+    mask = Attention.prefix_mask(layer, torch.cat([pos, qpos], dim=1), qpos)  # [B, T, cap + T]
+    mask = mask.repeat(1, H // n_kv, 1)[:, None]  # [B, 1, rep·T, cap + T]: stacked row (head j, t) is t's
+    out = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, n_kv, -1, D), k, v, attn_mask=mask,
+                                                           scale=1.0)
+    return out.reshape(q.shape)
+
+
+def causal_inputs(layout: str, rep: int, D: int, T: int, dtype: torch.dtype, seed: int = 0):
+    """A cache layer as the commit pass finds it and the committed canvas at consecutive positions qpos [B, T] after
+    each row's prefix → (q, k, v, pos, qpos, window)."""
+    if layout == "full":  # left padding, unused capacity; row 1's canvas starts inside its cache (6 cached
+        # positions after its first query, hidden from the queries before them: the rule p <= qpos)
+        pos, start, window = full_layout([37, 21], [0, 5], cap=45), [37, 15], None
+    elif layout == "ring":  # window 20, ring of 19: one wrapped with a hole, one short and left-padded
+        pos, start, window = ring_layout([100, 10], cap=19, holes=[(3, 6), (0, 3)]), [100, 10], 20
+    else:  # "narrow": window 8 < T, so the window also hides the canvas's own earlier keys
+        pos, start, window = ring_layout([60, 5], cap=7, holes=[(0, 0), (0, 2)]), [60, 5], 8
+    qpos = torch.tensor(start)[:, None] + torch.arange(T)
+    return (*make_inputs(pos, rep, 2, T, D, T, dtype, seed), qpos.to(DEV), window)
+
+
+CAUSAL = [(D, rep, layout, (None, SPLIT, PREFETCH_SPLIT)[(D // 32 + rep + i) % 3])
+          for D in (32, 64) for rep in (1, 2, 4) for i, layout in enumerate(("full", "ring", "narrow"))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D,rep,layout,config", CAUSAL, ids=[
+    f"D{D}-rep{rep}-{layout}-{'unsplit' if c is None else 'prefetch' if c.prefetch else 'split'}"
+    for D, rep, layout, c in CAUSAL])
+def test_causal_matches_prefix_mask(D, rep, layout, config, dtype):
+    # T = 17: rep·T rows straddle 16-row blocks, two scratch blocks; row blocks that skip the second one and row
+    # blocks whose last query (t = 16) is the second one's only visible slot.
+    q, k, v, pos, qpos, window = causal_inputs(layout, rep, D, 17, dtype)
+    reference = partial(prefix_reference, qpos=qpos, window=window)
+    check_close(canvas_attention(q, k, v, pos, config=config, qpos=qpos, window=window), q, k, v, pos,
+                reference=reference)
+    if dtype == torch.float32:  # the module's reference agrees, and causality matters (so this test can fail)
+        ref = reference(q, k, v, pos)
+        torch.testing.assert_close(attention_reference(q, k, v, pos, qpos=qpos, window=window), ref, rtol=1e-5,
+                                   atol=1e-5)
+        assert not torch.allclose(attention_reference(q, k, v, pos), ref, atol=0.1)
+
+
+@pytest.mark.parametrize("config", [None, SPLIT, PREFETCH_SPLIT], ids=["unsplit", "split", "prefetch"])
+@pytest.mark.parametrize("window", [None, 25])
+def test_causal_kv_len_bounds_the_slots_read(config, window):
+    """Cache slots >= kv_len are never read (NaN there stays out) although their positions precede the queries."""
+    pos = full_layout([60, 60], [0, 0], cap=60)
+    q, k, v, pos = make_inputs(pos, 2, 2, 20, 32, 20, torch.float32, seed=1)
+    qpos = (60 + torch.arange(20)).expand(2, -1).to(DEV)
+    kv_len = torch.tensor([17, 99], dtype=torch.int32, device=DEV)  # row 1: past the capacity → all 60 slots
+    k[0, :, 17:60], v[0, :, 17:60] = float("nan"), float("nan")
+    out = canvas_attention(q, k, v, pos, kv_len, config, qpos=qpos, window=window)
+    assert out.isfinite().all()
+    ref = prefix_reference(q, k.nan_to_num(), v.nan_to_num(), pos, kv_len, qpos=qpos, window=window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [None, SPLIT], ids=["unsplit", "split"])
+def test_causal_skips_the_scratch_after_a_row_block(config):
+    """Row block t = 0..15 never reads scratch slot 16 (a later position): NaN values there stay out of it and reach
+    row block [16], which sees it."""
+    pos = full_layout([30], [0], cap=32)
+    q, k, v, pos = make_inputs(pos, 1, 1, 17, 32, 17, torch.float32, seed=6)
+    qpos = (30 + torch.arange(17))[None].to(DEV)
+    clean = v.clone()
+    v[:, :, 32 + 16:] = float("nan")
+    out = canvas_attention(q, k, v, pos, config=config, qpos=qpos)
+    assert out[:, :, :16].isfinite().all() and out[:, :, 16:].isnan().all()
+    ref = prefix_reference(q, k, clean, pos, qpos=qpos, window=None)
+    torch.testing.assert_close(out[:, :, :16], ref[:, :, :16], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,dtype", [("parts2-lazy", torch.float32), ("parts2-lazy", torch.bfloat16),
+                                        ("parts2-posmask", torch.float32)], ids=["parts2-lazy-fp32",
+                                                                                "parts2-lazy-bf16", "parts2-posmask"])
+def test_causal_d512_variants(name, dtype):
+    """The full layers' kernel variants (column parts, prefetch, lazy rescaling) in causal mode, rep 8, T = 3."""
+    for layout in ("full", "ring"):
+        q, k, v, pos, qpos, window = causal_inputs(layout, 8, 512, 3, dtype, seed=7)
+        for splits in (1, 3):
+            out = canvas_attention(q, k, v, pos, None, Config.of(VARIANTS[name], splits, 1), qpos=qpos, window=window)
+            check_close(out, q, k, v, pos, reference=partial(prefix_reference, qpos=qpos, window=window))
+
+
+def test_causal_on_a_kv_cache_layer_matches_the_model(monkeypatch):
+    """`Attention.encoder_static_context` on a real KVCache (a wrapped ring, a full layer, a left-padded row): the
+    causal kernel (forced on, here in the interpreter) gives the sdpa path's output and writes the same cache."""
+    from dgemma.models import diffusion_gemma as dg
+
+    args = ModelArgs(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     num_global_key_value_heads=1, global_head_dim=64, sliding_window=12,
+                     layer_types=["sliding_attention", "full_attention"])
+    B, L, C = 2, 30, 16  # the ring (11 slots) has wrapped; the canvas is wider than the window
+    g = torch.Generator().manual_seed(8)
+    kvs = [torch.randn(2, B, args.layer_shape(i).num_kv_heads, L + C, args.layer_shape(i).head_dim, generator=g) * 0.5
+           for i in range(2)]
+    qs = [torch.randn(B, 4, C, args.layer_shape(i).head_dim, generator=g) * 0.5 for i in range(2)]
+    pos, enc_pos = torch.arange(L).repeat(B, 1).to(DEV), torch.arange(L, L + C).repeat(B, 1).to(DEV)
+    valid = pos >= torch.tensor([0, 7], device=DEV)[:, None]  # row 1 is left-padded
+    monkeypatch.setitem(dg.KERNELS, "canvas_attention", canvas_attention)
+    caches, outs = [], []
+    for kernel_on in (False, True):
+        monkeypatch.setattr(dg, "canvas_kernel_on", lambda x, on=kernel_on: on)
+        cache = KVCache(args, B, L + C, DEV, torch.float32, scratch=C)
+        for layer, kv in enumerate(kvs):  # the prefill
+            cache.write(layer, kv[0, :, :, :L].to(DEV), kv[1, :, :, :L].to(DEV), pos, valid)
+        cache.kv_len = cache_lengths(cache.pos[0])  # as run_layers sets it for encode_static
+        for layer, (kv, q) in enumerate(zip(kvs, qs)):  # the commit pass
+            k, v = (t[:, :, L:].to(DEV) for t in kv)
+            outs.append(Attention(args, layer).encoder_static_context(q.to(DEV), k, v, cache, enc_pos))
+        caches.append(cache)
+    for a, b in zip(outs[:2], outs[2:]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for layer in range(2):
+        assert torch.equal(caches[0].pos[layer], caches[1].pos[layer])
+        assert torch.equal(caches[0].k[layer], caches[1].k[layer])
+
+
 # --- GPU: real shapes, CUDA graphs --------------------------------------------------------------------------------
 REAL = [(256, 8, True), (512, 2, False)]  # (head dim, KV heads, sliding): Gemma 4 26B-A4B, 16 query heads
 
@@ -295,33 +433,52 @@ def test_gpu_real_shapes(D, n_kv, sliding, cache, B):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cache", [512, 32768])
 @pytest.mark.parametrize("D,n_kv,sliding", REAL, ids=["sliding-D256", "full-D512"])
-def test_gpu_graph_replay_follows_the_cache_length(D, n_kv, sliding):
+@pytest.mark.parametrize("B", [1, 2])
+def test_gpu_causal_real_shapes(D, n_kv, sliding, cache, B):
+    """The commit pass's encoder attention: the canvas at the positions after each row's prefix (sliding: window
+    1024 over a ring of 1023 slots, wrapped at 32K), causal mode against `prefix_mask`'s sdpa."""
+    q, k, v, pos = real_inputs(D, n_kv, sliding, cache, B)
+    qpos = (torch.tensor([cache, max(1, cache // 3)][:B])[:, None] + torch.arange(256)).to(DEV)
+    window = 1024 if sliding else None
+    out = canvas_attention(q, k, v, pos, cache_lengths(pos), qpos=qpos, window=window)
+    check_close(out, q, k, v, pos, reference=partial(prefix_reference, qpos=qpos, window=window))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["decoder", "causal"])
+@pytest.mark.parametrize("D,n_kv,sliding", REAL, ids=["sliding-D256", "full-D512"])
+def test_gpu_graph_replay_follows_the_cache_length(D, n_kv, sliding, causal):
     """Captured once at a short length, replayed as the cache grows and shrinks (pos and kv_len updated in place;
-    at batch 1 the working split count changes from 1 to the maximum across replays)."""
+    at batch 1 the working split count changes from 1 to the maximum across replays; causal: qpos follows)."""
     cache = 32768
     q, k, v, pos = real_inputs(D, n_kv, sliding, cache, B=1)
     kv_len = torch.tensor([300], dtype=torch.int32, device=DEV)
     pos_now = pos.clone()
+    qpos = torch.zeros(1, 256, dtype=torch.long, device=DEV)
+    mode = dict(qpos=qpos, window=1024 if sliding else None) if causal else {}
     lengths = [300, cache, 5000, 1, 17000]
 
     def set_length(n: int) -> None:
         cap = pos.shape[1]
         pos_now.copy_(ring_layout([n], cap, [(0, 0)]) if sliding else full_layout([n], [0], cap))
         kv_len.fill_(n)
+        qpos.copy_(n + torch.arange(256))
 
     set_length(lengths[0])
-    out = canvas_attention(q, k, v, pos_now, kv_len)  # compile and warm up outside the capture
+    out = canvas_attention(q, k, v, pos_now, kv_len, **mode)  # compile and warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = canvas_attention(q, k, v, pos_now, kv_len)
+        out = canvas_attention(q, k, v, pos_now, kv_len, **mode)
     for n in lengths:
         set_length(n)
         q.normal_(0, 1.4 * D**-0.25)  # fresh contents each replay, same storage
         graph.replay()
         torch.cuda.synchronize()
-        check_close(out, q, k, v, pos_now)
+        check_close(out, q, k, v, pos_now, reference=partial(prefix_reference, **mode) if causal else
+                    attention_reference)
 
 
 GPU_D512 = {"before-parts": Tile(64, 32, 8, 2), "parts2": Tile(128, 32, 8, 2, v_parts=2, prefetch=True),

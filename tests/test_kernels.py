@@ -346,3 +346,58 @@ def test_moe_real_shape_cuda(tokens, atomic):
         torch.testing.assert_close(res, out)
     else:
         assert torch.equal(res, out)
+
+
+# --- router ---------------------------------------------------------------------------------------------------------
+
+def by_expert(w: torch.Tensor, idx: torch.Tensor):
+    """Each row's (experts, weights) sorted by expert: top-k orders tied probabilities in its own way."""
+    order = idx.argsort(dim=-1)
+    return idx.gather(-1, order), w.gather(-1, order)
+
+
+@pytest.mark.parametrize("N,E,k,dtype", [(5, 6, 2, torch.float32), (37, 128, 8, torch.bfloat16),
+                                         (3, 130, 4, torch.float32), (64, 128, 8, torch.float32)])
+def test_route_matches_router(N, E, k, dtype):
+    from dgemma.kernels.router import reference_route, route
+
+    g = torch.Generator().manual_seed(N)
+    scores = (torch.randn(N, E, generator=g) * 2).to(dtype).to(DEV)
+    scale = (1 + 0.1 * torch.randn(E, generator=g)).to(dtype).to(DEV)
+    w, idx = route(scores, scale, k)
+    ref_w, ref_idx = reference_route(scores, scale, k)
+    check_route(scores, idx, w, ref_idx, ref_w)
+
+
+def check_route(scores, idx, w, ref_idx, ref_w):
+    """Same selected probabilities, descending; rows that pick the same experts get the same weights. A tie at the
+    k-th place (bf16 scores) may select another expert of equal probability, as either top-k is valid."""
+    probs = torch.softmax(scores, -1, dtype=torch.float32)
+    assert (probs.gather(-1, idx).diff(dim=-1) <= 0).all()
+    torch.testing.assert_close(probs.gather(-1, idx), probs.gather(-1, ref_idx).sort(-1, descending=True).values,
+                               rtol=0, atol=0)
+    (i, a), (ri, b) = by_expert(w, idx), by_expert(ref_w, ref_idx)
+    same = (i == ri).all(dim=-1)
+    assert same.float().mean() >= 0.9
+    torch.testing.assert_close(a[same], b[same], rtol=1e-6, atol=1e-7)
+
+
+def test_route_rejects_bad_shapes():
+    from dgemma.kernels.router import route
+
+    with pytest.raises(ValueError, match="per_expert_scale"):
+        route(torch.zeros(3, 8, device=DEV), torch.ones(7, device=DEV), 2)
+    with pytest.raises(ValueError, match="k = 9"):
+        route(torch.zeros(3, 8, device=DEV), torch.ones(8, device=DEV), 9)
+
+
+@pytest.mark.gpu
+def test_route_real_shape_cuda():
+    from dgemma.kernels.router import reference_route, route
+
+    g = torch.Generator("cuda").manual_seed(0)
+    scores = torch.randn(2048, 128, device="cuda", generator=g).bfloat16()
+    scale = (1 + 0.1 * torch.randn(128, device="cuda", generator=g)).bfloat16()
+    w, idx = route(scores, scale, 8)
+    ref_w, ref_idx = reference_route(scores, scale, 8)
+    check_route(scores, idx, w, ref_idx, ref_w)

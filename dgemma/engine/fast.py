@@ -136,9 +136,11 @@ class StaticStepper:
         self.first_graph: torch.cuda.CUDAGraph | None = None  # a step with the commit pass folded in
         configure_cuda_kernels(dev)
         fuse_for_cuda(model, dev)
-        # On CUDA with Triton the sampler is one fused kernel with Philox noise keyed by a per-row seed (drawn from
-        # the generator at each canvas start) and a step counter; elsewhere the exponential race in torch.
-        self.fused_sample = SAMPLER["fused_sample"] if dev.type == "cuda" else None
+        # On CUDA with Triton, in bf16/fp16, the sampler is one fused kernel with Philox noise keyed by a per-row seed
+        # (drawn from the generator at each canvas start) and a step counter. Elsewhere, fp32 on CUDA included, the
+        # exponential race in torch draws from the generator, as the reference and the scheduler's eager rows do.
+        half = dtype in (torch.bfloat16, torch.float16)
+        self.fused_sample = SAMPLER["fused_sample"] if dev.type == "cuda" and half else None
         self.noise_seed = torch.zeros(B, dtype=torch.int64, device=dev)
         self.noise_step = torch.zeros(1, dtype=torch.int64, device=dev)
         if use_graph is None:  # fp32 attention takes sdpa's math path, which copies a host scalar: not capturable

@@ -5,6 +5,9 @@
 where k, v are a cache layer's buffers [B, Hkv, C + scratch, D] (engine/cache.py): cache slot j < C is valid when
 pos[b, j] >= 0 and j < kv_len[b]; the scratch slots after the capacity hold the canvas's own K/V and are always
 valid. That is `attention_reference`, the masked sdpa of `Attention.forward_decoder_static`.
+The causal mode (`qpos=`, `window=`) is the encoder's attention of a committed canvas (`encoder_static_context`,
+its `prefix_mask`): the T scratch slots hold the committed tokens' own K/V at positions qpos [B, T], and query t
+sees a valid slot (cache or scratch) at position p iff p <= qpos[b, t] and, on sliding layers, p > qpos[b, t] - window.
 
 Notable choices:
 - Only key blocks below kv_len are read. kv_len is a device tensor, clamped to C in the kernel, so one value serves
@@ -26,6 +29,9 @@ Notable choices:
   product (as flash attention does), output rounded once. fp32 inputs use IEEE dots (no TF32). `lazy_rescale`
   (FlashAttention-4's conditional rescaling) keeps a row's stale max until some row of the tile outgrows it by
   2^8: the same quotient, with probabilities up to 2^8 whose bf16 rounding is as relative as below 1.
+- Causal mode: the mask is computed per score from the positions (no [B, T, C + T] mask in memory); since qpos
+  increases along T, the scratch blocks after a row block's last query are skipped. The split count stays the one
+  of the whole key list (the merge kernel recomputes it from kv_len alone); the splits share the blocks left.
 - Under TRITON_INTERPRET=1 the key loop is a `while` (the interpreter cannot take a runtime `range` bound with
   numpy >= 2.4); on GPU it is a `for`, which Triton software-pipelines. Both run the same `_attend_block`.
 """
@@ -117,24 +123,32 @@ def _rescale(acc, l_i, m_i, m_new):
 
 
 @triton.jit
-def _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, skn, svn, n, nb_c, CAP, END, cols, vcols,
-                  BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, LAZY_RESCALE: tl.constexpr, PREC: tl.constexpr,
-                  INTERPRET: tl.constexpr):
+def _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, qpos_row, q_lo, q_hi, skn, svn, n, nb_c, CAP, END,
+                  cols, vcols, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+                  CAUSAL: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     """One key block i of the virtual key list [cache blocks 0..nb_c-1 | scratch blocks] into the online softmax.
-    Scores use all D columns of q and K; the values only the program's output columns vcols. Returns the updated
+    Scores use all D columns of q and K; the values only the program's output columns vcols. CAUSAL: a row sees the
+    keys at positions in (q_lo, q_hi] [BLOCK_M], scratch slot s holding position qpos_row[s]. Returns the updated
     (acc [BLOCK_M, len(vcols)], m_i, l_i [BLOCK_M]); m_i, l_i are in base 2."""
     in_cache = i < nb_c
     start = tl.where(in_cache, i * BLOCK_N, CAP + (i - nb_c) * BLOCK_N)
     slots = start + tl.arange(0, BLOCK_N)
     inside = slots < tl.where(in_cache, n, END)
-    slot_pos = tl.load(pos_row + slots, mask=inside & in_cache, other=0)  # scratch slots read as position 0: valid
-    ok = inside & (slot_pos >= 0)
+    if CAUSAL:  # key positions: the cache slot's, or the query position whose K/V a scratch slot holds (int32 compares)
+        slot_pos = tl.where(in_cache, tl.load(pos_row + slots, mask=inside & in_cache, other=-1).to(tl.int32),
+                            tl.load(qpos_row + (slots - CAP), mask=inside & (i >= nb_c), other=-1).to(tl.int32))
+        valid = inside & (slot_pos >= 0)
+        ok = valid[None, :] & (slot_pos[None, :] > q_lo[:, None]) & (slot_pos[None, :] <= q_hi[:, None])
+    else:
+        slot_pos = tl.load(pos_row + slots, mask=inside & in_cache, other=0)  # scratch slots read as 0: valid
+        valid = inside & (slot_pos >= 0)
+        ok = valid[None, :]
     # PREFETCH: the K/V masks depend on kv_len only, not on the pos load, so Triton pipelines the K/V loads with no
     # blocking load of pos in the loop; empty slots below kv_len are then read (and weighted 0), so must be finite.
-    kv_ok = inside if PREFETCH else ok
+    kv_ok = inside if PREFETCH else valid
     k = tl.load(k_base + slots[:, None] * skn + cols[None, :], mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D]
     s = _mma(q, tl.trans(k), PREC, INTERPRET) * 1.4426950408889634  # log2(e): exp2 below; the scale is 1
-    s = tl.where(ok[None, :], s, float("-inf"))
+    s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if LAZY_RESCALE:  # FA4's conditional rescaling: a row keeps its stale max until a row of the tile outgrows its
         # own by more than 2^8 (p <= 256 meanwhile: same sums, same relative rounding of P), which saves the
@@ -158,14 +172,15 @@ def _splits_at(n, CAP, SCRATCH, BLOCK_N: tl.constexpr, SPLITS, BPS):
 
 
 @triton.jit
-def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, out_ptr, part_ptr, lse_ptr,
-                        H, T, REP, CAP, SCRATCH, SPLITS, BPS,
-                        sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, spb, sob, soh, sot,
+def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, qpos_ptr, len_ptr, out_ptr, part_ptr, lse_ptr,
+                        H, T, REP, CAP, SCRATCH, SPLITS, BPS, WINDOW,
+                        sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, spb, sqpb, sob, soh, sot,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SPLIT: tl.constexpr, PREFETCH: tl.constexpr, LAZY_RESCALE: tl.constexpr, PREC: tl.constexpr,
-                        INTERPRET: tl.constexpr):
+                        SPLIT: tl.constexpr, PREFETCH: tl.constexpr, LAZY_RESCALE: tl.constexpr, CAUSAL: tl.constexpr,
+                        PREC: tl.constexpr, INTERPRET: tl.constexpr):
     # grid: (row blocks of the REP·T rows of one KV head × D // DV column parts, B · Hkv, SPLITS). SPLITS is a
     # runtime value, so one compile serves every split count; SPLIT (SPLITS > 1) compiles the partial outputs in.
+    # CAUSAL compiles the encoder's visibility in (qpos, WINDOW; WINDOW 0 = none).
     bg = tl.program_id(1)
     b = (bg // (H // REP)).to(tl.int64)
     g = (bg % (H // REP)).to(tl.int64)
@@ -181,6 +196,16 @@ def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, out_ptr, part_ptr
 
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), CAP), 0)
     nb_c, total, active = _splits_at(n, CAP, SCRATCH, BLOCK_N, SPLITS, BPS)
+    qpos_row = qpos_ptr + b * sqpb
+    if CAUSAL:  # row t sees positions in (q_lo, q_hi]: up to its own; on sliding layers the WINDOW ending there
+        q_hi = tl.load(qpos_row + t, mask=row_ok, other=0).to(tl.int32)
+        q_lo = tl.where(WINDOW > 0, tl.maximum(q_hi - WINDOW, -1), -1)
+        # qpos increases along T, so the scratch slots after the block's last row are invisible to all its rows.
+        # The split count stays the one of all blocks (the merge kernel recomputes it); the splits share the rest.
+        total = nb_c + tl.cdiv(tl.max(tl.where(row_ok, t, 0), 0) + 1, BLOCK_N)
+    else:
+        q_hi = tl.zeros([BLOCK_M], dtype=tl.int32)
+        q_lo = q_hi
     lo = tl.where(split < active, split * total // active, 0)
     hi = tl.where(split < active, (split + 1) * total // active, 0)
 
@@ -193,15 +218,15 @@ def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, out_ptr, part_ptr
     if INTERPRET:
         i = lo
         while i < hi:
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, skn, svn, n, nb_c, CAP,
-                                          CAP + SCRATCH, cols, vcols, BLOCK_N, PREFETCH, LAZY_RESCALE, PREC,
-                                          INTERPRET)
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, qpos_row, q_lo, q_hi, skn,
+                                          svn, n, nb_c, CAP, CAP + SCRATCH, cols, vcols, BLOCK_N, PREFETCH,
+                                          LAZY_RESCALE, CAUSAL, PREC, INTERPRET)
             i += 1
     else:
         for i in range(lo, hi):
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, skn, svn, n, nb_c, CAP,
-                                          CAP + SCRATCH, cols, vcols, BLOCK_N, PREFETCH, LAZY_RESCALE, PREC,
-                                          INTERPRET)
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, qpos_row, q_lo, q_hi, skn,
+                                          svn, n, nb_c, CAP, CAP + SCRATCH, cols, vcols, BLOCK_N, PREFETCH,
+                                          LAZY_RESCALE, CAUSAL, PREC, INTERPRET)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i = 0 only for rows with no valid key at all
     out_ptrs = out_ptr + (b * sob + h * soh + t * sot)[:, None] + vcols[None, :]
@@ -289,7 +314,8 @@ def default_config(q: torch.Tensor, n_kv: int, cap: int, scratch: int, tile: Til
     return Config.of(tile, splits, BLOCKS_PER_SPLIT)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor | None):
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor | None,
+           qpos: torch.Tensor | None, window: int | None):
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"canvas_attention: q must be [B, H, T, D], k and v one [B, Hkv, S, D] shape; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -309,38 +335,51 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                          f"{tuple(pos.shape)}")
     if kv_len is not None and (kv_len.shape != (B,) or kv_len.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"canvas_attention: kv_len must be int [B]; got {kv_len.dtype} {tuple(kv_len.shape)}")
-    devices = {t.device for t in (q, k, v, pos) + ((kv_len,) if kv_len is not None else ())}
+    if qpos is not None and (qpos.shape != (B, T) or qpos.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"canvas_attention: qpos must be int [B, T] = {(B, T)}; got {qpos.dtype} {tuple(qpos.shape)}")
+    if qpos is not None and k.shape[2] - pos.shape[1] != T:
+        raise ValueError(f"canvas_attention: causal mode needs T = {T} scratch slots (the queries' own K/V); got "
+                         f"{k.shape[2] - pos.shape[1]}")
+    if window is not None and (qpos is None or window < 1):
+        raise ValueError(f"canvas_attention: a window ({window}) needs qpos and must be >= 1")
+    devices = {t.device for t in (q, k, v, pos) + tuple(t for t in (kv_len, qpos) if t is not None)}
     if len(devices) != 1:
         raise ValueError(f"canvas_attention: tensors on several devices {sorted(map(str, devices))}")
 
 
 def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                     kv_len: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+                     kv_len: torch.Tensor | None = None, config: Config | None = None, *,
+                     qpos: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of q [B, H, T, D] over a cache layer's k, v [B, Hkv, C + scratch, D] with slot positions pos [B, C]
     (-1 = empty) and kv_len [B] (device; slots >= kv_len are not read; None: `cache_lengths(pos)`). The scratch
-    slots are always attended. Returns [B, H, T, D] in q's dtype, a view of a [B, T, H, D] buffer, so the caller's
+    slots are always attended, unless qpos [B, T] (the causal mode, the encoder's `prefix_mask`) gives the queries'
+    positions: then scratch = T, slot s holds the K/V of position qpos[b, s], qpos must increase along T, and query
+    t sees the keys (cache or scratch) at positions p with 0 <= p <= qpos[b, t] and, given a `window`,
+    p > qpos[b, t] - window. Returns [B, H, T, D] in q's dtype, a view of a [B, T, H, D] buffer, so the caller's
     `.transpose(1, 2).reshape(B, T, H * D)` before o_proj is free. No host sync; safe to capture in a CUDA graph
     (make the first call, which compiles and picks the tiles, before capturing). `config` forces the launch
     parameters (tests, the bench's sweep); by default they come from `default_config` with the first tile shape
     that fits the GPU."""
-    _check(q, k, v, pos, kv_len)
+    _check(q, k, v, pos, kv_len, qpos, window)
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     cap = pos.shape[1]
     scratch = S - cap
     q = q if q.stride(3) == 1 else q.contiguous()
     pos = pos if pos.stride(1) == 1 else pos.contiguous()
+    qpos = qpos if qpos is None or qpos.stride(1) == 1 else qpos.contiguous()
     kv_len = cache_lengths(pos) if kv_len is None else kv_len
+    causal = (qpos, window)
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, H, T, D] view
     if out.numel() == 0:
         return out
     if config is not None or q.device.type != "cuda":
-        _launch(q, k, v, pos, kv_len, out, config or default_config(q, n_kv, cap, scratch))
+        _launch(q, k, v, pos, kv_len, out, config or default_config(q, n_kv, cap, scratch), *causal)
         return out
     key, tiles = (q.device.index, D, q.dtype), tile_candidates(D)
     for i in range(_TILE_FITS.get(key, 0), len(tiles)):
         try:
-            _launch(q, k, v, pos, kv_len, out, default_config(q, n_kv, cap, scratch, tiles[i]))
+            _launch(q, k, v, pos, kv_len, out, default_config(q, n_kv, cap, scratch, tiles[i]), *causal)
         except triton.runtime.errors.OutOfResources:
             if i == len(tiles) - 1:
                 raise
@@ -350,7 +389,7 @@ def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor,
-            out: torch.Tensor, cfg: Config) -> None:
+            out: torch.Tensor, cfg: Config, qpos: torch.Tensor | None = None, window: int | None = None) -> None:
     B, H, T, D = q.shape
     n_kv, cap = k.shape[1], pos.shape[1]
     scratch = k.shape[2] - cap
@@ -361,12 +400,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
     if D % cfg.v_parts:
         raise ValueError(f"canvas_attention: v_parts {cfg.v_parts} does not divide head dim {D}")
     grid = (triton.cdiv(rep * T, cfg.block_m) * cfg.v_parts, B * n_kv, cfg.splits)
+    qp = pos if qpos is None else qpos  # not read unless CAUSAL
     _canvas_attn_kernel[grid](
-        q, k, v, pos, kv_len, out, part, lse, H, T, rep, cap, scratch, cfg.splits, cfg.blocks_per_split,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), pos.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        D=D, DV=D // cfg.v_parts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.splits > 1,
-        PREFETCH=cfg.prefetch, LAZY_RESCALE=cfg.lazy_rescale, PREC="ieee" if q.dtype == torch.float32 else None,
+        q, k, v, pos, qp, kv_len, out, part, lse, H, T, rep, cap, scratch, cfg.splits, cfg.blocks_per_split,
+        window or 0, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), pos.stride(0), qp.stride(0), out.stride(0), out.stride(1),
+        out.stride(2), D=D, DV=D // cfg.v_parts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.splits > 1,
+        PREFETCH=cfg.prefetch, LAZY_RESCALE=cfg.lazy_rescale, CAUSAL=qpos is not None,
+        PREC="ieee" if q.dtype == torch.float32 else None,
         INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.warps, num_stages=cfg.stages)
     if cfg.splits > 1:
         block_r = max(1, 4096 // D)
@@ -377,15 +418,22 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                        kv_len: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's math (`Attention.forward_decoder_static` with `KVCache.decoder_mask`): query heads stacked per
-    KV head, sdpa with a boolean mask over the whole buffer, scale 1. kv_len, if given, also masks slots >= it."""
+                        kv_len: torch.Tensor | None = None, *, qpos: torch.Tensor | None = None,
+                        window: int | None = None) -> torch.Tensor:
+    """The model's math (`Attention.forward_decoder_static` with `KVCache.decoder_mask`; with qpos the causal mask of
+    `Attention.prefix_mask`, as `encoder_static_context`): query heads stacked per KV head, sdpa with a boolean mask
+    over the whole buffer, scale 1. kv_len, if given, also masks slots >= it."""
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     cap = pos.shape[1]
     valid = pos >= 0
     if kv_len is not None:
         valid = valid & (torch.arange(cap, device=pos.device) < kv_len[:, None])
-    mask = torch.cat([valid, torch.ones(B, S - cap, dtype=torch.bool, device=pos.device)], dim=1)[:, None, None, :]
+    if qpos is None:
+        mask = torch.cat([valid, torch.ones(B, S - cap, dtype=torch.bool, device=pos.device)], dim=1)[:, None, None]
+    else:  # [B, 1, rep·T, S]: the row of stacked query (head j, t) is t's
+        kp, qp = torch.cat([torch.where(valid, pos, -1), qpos], dim=1)[:, None, :], qpos[:, :, None]
+        mask = (kp >= 0) & (kp <= qp) & ((kp > qp - window) if window else True)
+        mask = mask.repeat(1, H // n_kv, 1)[:, None]
     out = F.scaled_dot_product_attention(q.reshape(B, n_kv, (H // n_kv) * T, D), k, v, attn_mask=mask, scale=1.0)
     return out.reshape(B, H, T, D)

@@ -36,14 +36,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 # Pieces the CUDA fast path may swap for faster versions: `use_compiled_kernels()` (torch.compile'd blocks) and
 # `use_triton_kernels()` (dgemma/kernels). The defaults are the reference implementations.
 KERNELS = {"rms_norm": rms_norm, "feed_forward": None, "project": None, "canvas_attention": None,
-           "cache_lengths": None, "moe": None}
+           "cache_lengths": None, "moe": None, "route": None}
 TRITON_ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256, 512)  # what kernels/attention.py takes (tiny test models: sdpa)
 MOE_TRITON_MIN_TOKENS = 1  # the Triton MoE beats grouped_mm at every size measured, 256 to 4096 tokens (H200)
 
 
 def canvas_kernel_on(x: torch.Tensor) -> bool:
-    """Whether the static decoder attends through KERNELS["canvas_attention"], which reads `cache.kv_len` (set by
-    `denoise_static`): CUDA tensors only. Tests patch this to run the kernel's torch reference on the CPU."""
+    """Whether the static passes attend through KERNELS["canvas_attention"], which reads `cache.kv_len` (set by
+    `run_layers`, `denoise_folded_static`): CUDA tensors only. Tests patch this to run the kernel on the CPU."""
     return KERNELS["canvas_attention"] is not None and x.is_cuda
 
 
@@ -59,19 +59,19 @@ def use_compiled_kernels(enabled: bool = True) -> None:
 
 
 def use_triton_kernels(enabled: bool = True) -> None:
-    """The Triton kernels of dgemma/kernels on CUDA: canvas-over-cache attention in the static decoder step, and the
-    fused MoE for passes of >= MOE_TRITON_MIN_TOKENS tokens. Needs triton (a no-op without it)."""
+    """The Triton kernels of dgemma/kernels on CUDA: canvas-over-cache attention in the static passes, the
+    router's softmax/top-k and the fused MoE for passes of >= MOE_TRITON_MIN_TOKENS tokens. Needs triton."""
     from dgemma import kernels
 
     if not enabled or not kernels.available("cuda"):
-        KERNELS["canvas_attention"] = KERNELS["cache_lengths"] = KERNELS["moe"] = None
+        KERNELS["canvas_attention"] = KERNELS["cache_lengths"] = KERNELS["moe"] = KERNELS["route"] = None
         return
-    from dgemma.kernels.attention import cache_lengths, canvas_attention
-    from dgemma.kernels.moe import moe
+    from dgemma.kernels import attention, moe, router
 
-    KERNELS["canvas_attention"] = torch.compiler.disable(canvas_attention)
-    KERNELS["cache_lengths"] = cache_lengths
-    KERNELS["moe"] = torch.compiler.disable(moe)
+    KERNELS["canvas_attention"] = torch.compiler.disable(attention.canvas_attention)
+    KERNELS["cache_lengths"] = attention.cache_lengths
+    KERNELS["moe"] = torch.compiler.disable(moe.moe)
+    KERNELS["route"] = torch.compiler.disable(router.route)
 
 
 class RMSNorm(nn.Module):
@@ -242,15 +242,17 @@ class Attention(nn.Module):
         return self.linear("o", self.encoder_static_context(q, k, v, cache, pos, rows), encoder=True)
 
     def encoder_static_context(self, q, k, v, cache: KVCache, pos: torch.Tensor, rows=None) -> torch.Tensor:
-        """The new K/V go to the scratch slots, the causal/sliding mask comes from slot positions on the device, then
-        the new K/V are stored in their cache slots (only rows set in `rows` [B] bool, if given). q [B, H, T, D],
-        k/v [B, Hkv, T, D] at positions pos [B, T] → [B, T, H*D], before o_proj."""
+        """The new K/V go to the scratch slots, the causal/sliding mask comes from slot positions on the device (or the
+        Triton kernel's causal mode applies it), then the new K/V are stored in their cache slots (only rows set in
+        `rows` [B] bool, if given). q [B, H, T, D], k/v [B, Hkv, T, D] at positions pos [B, T] → [B, T, H*D]."""
         layer, cap, T = self.layer_idx, cache.capacity[self.layer_idx], q.shape[2]
-        ck, cv = cache.k[layer], cache.v[layer]
-        ck[:, :, cap:cap + T] = k
-        cv[:, :, cap:cap + T] = v
-        mask = self.prefix_mask(torch.cat([cache.pos[layer], pos], dim=1), pos)  # [B, T, cap + T]
-        out = self.context(q, ck[:, :, :cap + T], cv[:, :, :cap + T], mask[:, None])
+        ck, cv = cache.k[layer][:, :, :cap + T], cache.v[layer][:, :, :cap + T]  # the cache, then T scratch slots
+        ck[:, :, cap:], cv[:, :, cap:] = k, v
+        if canvas_kernel_on(q) and q.shape[3] in TRITON_ATTENTION_HEAD_DIMS:  # prefix_mask's rule, no mask built
+            out = KERNELS["canvas_attention"](q, ck, cv, cache.pos[layer], cache.kv_len, qpos=pos,
+                                              window=self.window if self.sliding else None).transpose(1, 2).flatten(2)
+        else:  # a [B, T, cap + T] mask
+            out = self.context(q, ck, cv, self.prefix_mask(torch.cat([cache.pos[layer], pos], dim=1), pos)[:, None])
         cache.write(layer, k, v, pos, rows=rows)
         return out
 
@@ -263,21 +265,17 @@ class Attention(nn.Module):
     def decoder_static_context(self, q, k, v, cache: KVCache) -> torch.Tensor:
         """The canvas K/V go into the cache's scratch slots and the canvas attends over the whole buffer, masked on
         the device. q [B, H, T, D], k/v [B, Hkv, T, D] (T = scratch) → [B, T, H*D], before o_proj."""
-        cap = cache.capacity[self.layer_idx]
-        cache.k[self.layer_idx][:, :, cap:] = k
-        cache.v[self.layer_idx][:, :, cap:] = v
-        B, H, T, D = q.shape
+        layer, cap, (B, H, T, D) = self.layer_idx, cache.capacity[self.layer_idx], q.shape
+        ck, cv = cache.k[layer], cache.v[layer]
+        ck[:, :, cap:], cv[:, :, cap:] = k, v
         if canvas_kernel_on(q) and D in TRITON_ATTENTION_HEAD_DIMS:
             # Triton flash attention over the occupied slots only (kernels/attention.py): key blocks past the row's
             # length (`cache.kv_len`) are skipped, so the step does not pay for the cache's unused capacity.
-            out = KERNELS["canvas_attention"](q, cache.k[self.layer_idx], cache.v[self.layer_idx],
-                                              cache.pos[self.layer_idx], cache.kv_len)
-            return out.transpose(1, 2).reshape(B, T, H * D)
+            return KERNELS["canvas_attention"](q, ck, cv, cache.pos[layer], cache.kv_len).transpose(1, 2).flatten(2)
         # The mask does not depend on the query, so the query heads sharing a KV head can be stacked along the
         # sequence: [B, Hkv, rep*T, D] against K/V [B, Hkv, S, D]. Same math as repeating K/V, without the copy.
         q = q.reshape(B, self.n_kv, (H // self.n_kv) * T, D)
-        out = F.scaled_dot_product_attention(q, cache.k[self.layer_idx], cache.v[self.layer_idx],
-                                             attn_mask=cache.decoder_mask(self.layer_idx), scale=1.0)
+        out = F.scaled_dot_product_attention(q, ck, cv, attn_mask=cache.decoder_mask(layer), scale=1.0)
         return out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
     def forward_folded_static(self, x, cos, sin, cache: KVCache, enc_pos: torch.Tensor) -> torch.Tensor:
@@ -322,9 +320,8 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Top-k router. It reads the residual stream itself (not the pre-FF-2 normed input): weightless RMSNorm,
-    a learned per-channel `scale` and hidden^-0.5, fp32 softmax over all experts, top-k, renormalise, then a
-    learned per-expert multiplier."""
+    """Top-k router over the residual stream itself (not the pre-FF-2 normed input): weightless RMSNorm, learned
+    per-channel `scale`, hidden^-0.5, fp32 softmax, top-k, renormalise, learned per-expert multiplier."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -335,9 +332,10 @@ class Router(nn.Module):
         self.scale = nn.Parameter(torch.ones(args.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(args.num_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x [N, hidden] → weights [N, k] (fp32), indices [N, k]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x [N, hidden] → weights fp32, idx [N, k]
         scores = self.proj(self.norm(x) * self.scale * self.root)
+        if KERNELS["route"] is not None and scores.is_cuda and not torch.is_grad_enabled():
+            return KERNELS["route"](scores, self.per_expert_scale, self.top_k)  # the rest in one kernel
         probs = F.softmax(scores, dim=-1, dtype=torch.float32)
         weights, idx = torch.topk(probs, k=self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -519,6 +517,8 @@ class DiffusionGemma(nn.Module):
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def run_layers(self, x, pos, cache: KVCache, encoder: bool, valid=None, static=False, rows=None) -> torch.Tensor:
+        if static and canvas_kernel_on(x):  # the kernel's bound on the occupied slots, set before any layer writes
+            cache.kv_len = KERNELS["cache_lengths"](cache.pos[0])  # [B] on the device, recomputed at every replay
         rope = self.rope(pos, x.dtype)
         for i, layer in enumerate(self.layers):
             cos, sin = rope[self.args.layer_types[i]]
@@ -572,8 +572,6 @@ class DiffusionGemma(nn.Module):
         """`denoise` with fixed shapes and no host syncs, for CUDA-graph capture (engine/fast.py). Takes the
         self-conditioning soft embeddings [B, C, hidden] directly (zeros on the first step give exactly the same
         result as no self-conditioning) and needs a cache built with `scratch=canvas_length`. `raw`: see lm_head."""
-        if canvas_kernel_on(canvas):
-            cache.kv_len = KERNELS["cache_lengths"](cache.pos[0])  # [B] on the device, recomputed at every replay
         x = self.self_conditioning(self.embed(canvas), soft)
         return self.lm_head(self.run_layers(x, pos, cache, False, static=True), raw)
 
