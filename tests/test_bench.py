@@ -38,3 +38,19 @@ def test_bench_rejects_bad_values(capsys):
         rc = e.code
     assert rc == 2
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_fastpath_check_script_runs_and_agrees_on_cpu():
+    """scripts/gpu_fastpath_check.py (the real-shape bf16 check on a GPU) on the tiny shape in fp32: the static
+    path's passes, self-conditioning and the folded commit agree with the reference ops."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_fastpath_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_fastpath_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--shape", "tiny", "--prompt-len", "40", "--batch", "2", "--device", "cpu"])
+    for key in ("step1", "step2_selfcond", "folded_first_step"):
+        assert out[key]["cosine"] > 0.99999 and out[key]["top1_agreement"] == 1.0, (key, out[key])
+    assert out["cache_kv_min_layer_cosine"] > 0.99999
