@@ -31,6 +31,21 @@ def test_bench_writes_json_and_markdown(tmp_path):
     assert "| ms_per_step |" in md and md.count("| fast |") == 2
 
 
+def test_bench_sweeps_precisions(tmp_path):
+    rc = main(["bench", "--random-weights", "--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "bf16",
+               "--steps", "2", "--prompt-len", "16", "--reps", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert [r["precision"] for r in rows] == ["float32", "bfloat16"]
+    assert rows[1]["floor_ms_per_step"] < rows[0]["floor_ms_per_step"]  # half the bytes per step
+
+
+def test_bench_rejects_unknown_precision(capsys):
+    rc = main(["bench", "--random-weights", "--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "int3"])
+    assert rc != 0
+    assert "unknown dtype 'int3'" in capsys.readouterr().err
+
+
 def test_bench_rejects_bad_values(capsys):
     try:
         rc = main(["bench", "--random-weights", "--shape", "huge"])

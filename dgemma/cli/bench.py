@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--random-weights", action="store_true",
                      help="random weights built directly on the GPU (no checkpoint needed); see --shape")
     p.add_argument("--shape", default="26b-a4b", choices=["26b-a4b", "tiny"], help="shape for --random-weights")
-    p.add_argument("--dtype", default="bf16", help="precision (default bf16)")
+    p.add_argument("--dtype", nargs="+", default=["bf16"], help="precisions to sweep (default bf16; e.g. bf16 fp16)")
     p.add_argument("--device", default=None, help="default: cuda")
     p.add_argument("--batch", type=_positive, nargs="+", default=[1], help="batch sizes to sweep (default 1)")
     p.add_argument("--prompt-len", type=_positive, nargs="+", default=[512], help="prompt lengths (default 512)")
@@ -59,20 +59,36 @@ def run(args: argparse.Namespace) -> int:
     os.environ["DGEMMA_COMPILE"] = "1" if args.compile else "0"
     os.environ["DGEMMA_TRITON"] = "1" if args.triton else "0"
     device = str(resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    dtype = resolve_dtype(args.dtype, torch.device(device))
-    if args.model:
-        model, shape = LLM(args.model, device=device, dtype=dtype).model, args.model
-    else:
-        model, shape = bm.random_model(args.shape, device, dtype), args.shape
+    dtypes = [resolve_dtype(d, torch.device(device)) for d in args.dtype]  # every name checked before any work
     env = bm.environment(device)
     bandwidth = bm.copy_bandwidth(device, gib=2.0 if device.startswith("cuda") else 0.25)
-    floor_ms = bm.step_bytes(model) / bandwidth * 1e3
     command = "dgemma bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    common = env | {"precision": str(dtype).removeprefix("torch."), "shape": shape, "command": command,
-                    "compiled": args.compile, "triton": args.triton,
-                    "copy_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_step": floor_ms}
-    print(f"{env['gpu']} · {common['precision']} · copy bandwidth {bandwidth / 1e9:.0f} GB/s · "
-          f"floor {floor_ms:.2f} ms/step", file=sys.stderr)
+    rows = []
+    for dtype in dtypes:
+        if args.model:
+            model, shape = LLM(args.model, device=device, dtype=dtype).model, args.model
+        else:
+            model, shape = bm.random_model(args.shape, device, dtype), args.shape
+        floor_ms = bm.step_bytes(model) / bandwidth * 1e3
+        common = env | {"precision": str(dtype).removeprefix("torch."), "shape": shape, "command": command,
+                        "compiled": args.compile, "triton": args.triton,
+                        "copy_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_step": floor_ms}
+        print(f"{env['gpu']} · {common['precision']} · copy bandwidth {bandwidth / 1e9:.0f} GB/s · "
+              f"floor {floor_ms:.2f} ms/step", file=sys.stderr)
+        rows += _sweep(model, common, device, args)
+        del model  # one precision's weights at a time
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    stem = f"bench-{env['gpu'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    json_path, md_path = bm.write_results(rows, Path(args.out), stem)
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
+def _sweep(model, common: dict, device: str, args) -> list[dict]:
+    """Every (steps, prompt length, batch) configuration of one model, then the AR run if asked."""
+    from dgemma import benchmark as bm
+
     rows = []
     for steps in args.steps:
         for L in args.prompt_len:
@@ -90,10 +106,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
             print(f"AR  L={L:<6} {row['ms_per_token']:.2f} ms/token · {row['ar_tok_s']:.0f} tok/s (batch 1)",
                   flush=True)
-    stem = f"bench-{env['gpu'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    json_path, md_path = bm.write_results(rows, Path(args.out), stem)
-    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
-    return 0
+    return rows
 
 
 def _compare(model, B: int, L: int, steps: int, device: str, args) -> dict:
