@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call: `dgemma bench` sweeps at the real shape (random weights), results and logs under $OUT.
-# BENCH_SETS picks what runs (space-separated): compare sweep long eager ar
+# BENCH_SETS picks what runs (space-separated): check compare sweep long eager ar
+# (check: scripts/gpu_fastpath_check.py, the fast path's logits against the reference ops at the real shape)
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -9,9 +10,10 @@ export DGEMMA_COMMIT=${DGEMMA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 B="python3 -m dgemma.cli bench --random-weights --shape 26b-a4b --out $OUT"
 for set in ${BENCH_SETS:-compare sweep long}; do
   case $set in
-    compare)  timeout 560 $B --batch 1 --prompt-len 512 --steps 16 --compare transformers 2>&1 | tee $OUT/compare.log ;;
-    sweep)    timeout 400 $B --batch 1 2 4 8 16 --prompt-len 512 --steps 16 48 2>&1 | tee $OUT/sweep.log ;;
-    long)     timeout 400 $B --batch 1 8 --prompt-len 4096 32768 --steps 16 2>&1 | tee $OUT/long.log ;;
+    check)    timeout 200 python3 scripts/gpu_fastpath_check.py --out $OUT/fastpath_check.json 2>&1 | tee $OUT/check.log ;;
+    compare)  timeout 560 $B --batch 1 --prompt-len 512 --steps 16 --reps 5 --compare transformers 2>&1 | tee $OUT/compare.log ;;
+    sweep)    timeout 400 $B --batch 1 2 4 8 16 --prompt-len 512 --steps 16 48 --reps 3 2>&1 | tee $OUT/sweep.log ;;
+    long)     timeout 400 $B --batch 1 8 --prompt-len 4096 32768 --steps 16 --reps 3 2>&1 | tee $OUT/long.log ;;
     eager)    timeout 400 $B --batch 1 8 16 --prompt-len 512 --steps 16 --no-compile --no-triton 2>&1 | tee $OUT/eager.log ;;
     ar)       timeout 200 $B --batch 1 --prompt-len 512 --steps 16 --ar 2>&1 | tee $OUT/ar.log ;;
   esac
