@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dgemma.config import DiffusionParams, ModelArgs
 from dgemma.engine.cache import KVCache
@@ -101,6 +102,24 @@ def time_ms(fn, device: str, reps: int = 10, warmup: int = 2) -> float:
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t) * 1e3 / reps
+
+
+def graph_ms(fn, iters: int = 20) -> float:
+    """Milliseconds per call of fn() replayed from a CUDA graph, as the engine runs a step (`capture_graph` warms fn up
+    first, so compiles and autotuning stay out of the timing)."""
+    graph = capture_graph(fn)
+    graph.replay()
+    return time_ms(graph.replay, "cuda", reps=iters, warmup=0)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """a, b [..., N] (logits, hidden states) compared in float64: cosine of the whole, the worst row's cosine, argmax
+    agreement and the largest difference."""
+    a, b = a.double().flatten(0, -2), b.double().flatten(0, -2)
+    return {"cosine": F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(),
+            "min_row_cosine": F.cosine_similarity(a, b, dim=-1).min().item(),
+            "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+            "max_abs_diff": (a - b).abs().max().item()}
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this working 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from dgemma.benchmark import graph_ms  # noqa: E402
 from dgemma.config import ModelArgs  # noqa: E402
 from dgemma.kernels import attention as attn  # noqa: E402
 from dgemma.kernels.attention import Config, Tile, attention_reference, cache_lengths, canvas_attention  # noqa: E402
@@ -77,23 +78,6 @@ def layer_inputs(kind: str, B: int, prompt: int, capacity: int, seed: int = 0):
     pos = torch.full((B, cap), -1, dtype=torch.long, device="cuda")
     pos[:, p % cap] = p  # a full layer's prefix (slot = position) or a sliding ring (slot = position % C)
     return q, k, v, pos
-
-
-def graph_ms(fn, iters: int) -> float:
-    """Milliseconds per call of fn() replayed from a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def useful_tflops(q: torch.Tensor, pos: torch.Tensor, ms: float) -> float:

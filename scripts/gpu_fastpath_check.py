@@ -22,22 +22,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dgemma.benchmark import environment, random_model  # noqa: E402
+from dgemma.benchmark import agreement, environment, random_model  # noqa: E402
 from dgemma.engine.cache import KVCache  # noqa: E402
 from dgemma.engine.fast import configure_cuda_kernels, fuse_for_cuda  # noqa: E402
-
-
-def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """a, b [..., N] compared in float64: cosine, worst row cosine, argmax agreement, max |a - b|."""
-    a, b = a.double().flatten(0, -2), b.double().flatten(0, -2)
-    return {"cosine": F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(),
-            "min_row_cosine": F.cosine_similarity(a, b, dim=-1).min().item(),
-            "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
-            "max_abs_diff": (a - b).abs().max().item()}
 
 
 def check(shape: str, prompt_len: int, batch: int, device: str) -> dict:

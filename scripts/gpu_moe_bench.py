@@ -17,7 +17,7 @@ import time
 import torch
 import triton
 
-from dgemma.benchmark import copy_bandwidth
+from dgemma.benchmark import copy_bandwidth, graph_ms
 from dgemma.config import ModelArgs
 from dgemma.kernels import moe as kmoe
 from dgemma.kernels.moe import Tile
@@ -27,24 +27,6 @@ TILES = [Tile(32, 128, 4, 4), Tile(32, 256, 4, 3), Tile(64, 64, 4, 4), Tile(64, 
          Tile(64, 128, 4, 4), Tile(64, 256, 4, 3), Tile(128, 64, 4, 4), Tile(128, 64, 8, 4), Tile(128, 128, 8, 3),
          Tile(64, 128, 8, 4), Tile(128, 128, 4, 3)]
 BLOCK_MS = {256: (16, 32), 512: (16, 32, 64), 1024: (32, 64), 2048: (64, 128), 4096: (64, 128)}
-
-
-def graph_ms(fn, iters: int = 20) -> float:
-    """ms per call of fn() replayed from a CUDA graph (fn is warmed up first: compiles happen outside capture)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def try_ms(fn) -> float | None:

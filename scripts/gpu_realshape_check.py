@@ -14,8 +14,8 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
+from dgemma.benchmark import agreement
 from dgemma.config import ModelArgs
 from dgemma.engine.cache import KVCache
 from dgemma.loader import checkpoint_name, map_name
@@ -91,14 +91,6 @@ def alias_dgemma(hf, device) -> DiffusionGemma:
     return ours.eval()
 
 
-def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
-    a, b = a.float().flatten(0, -2), b.float().flatten(0, -2)
-    return {"cosine": F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(),
-            "min_row_cosine": F.cosine_similarity(a, b, dim=-1).min().item(),
-            "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
-            "max_abs_diff": (a - b).abs().max().item()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt-len", type=int, default=1500)  # longer than the 1024-token sliding window
@@ -139,7 +131,7 @@ def main() -> None:
         kv = KVCache(ours.args, 1, L + C, device, dtype)
         h = ours.encode(ids, torch.arange(L, device=device)[None], kv)
         kv.advance(L)
-        res["encoder_last_hidden"] = compare(h, enc)
+        res["encoder_last_hidden"] = agreement(h, enc)
         if a.per_layer:
             res["encoder_layers_max_abs_diff"] = [(x.float() - y.float()).abs().max().item()
                                                   for x, y in zip(captured["ours"], captured["hf"])]
@@ -148,11 +140,11 @@ def main() -> None:
         dpos = torch.arange(L, L + C, device=device)[None]
         ref1 = hf(past_key_values=cache, decoder_input_ids=canvas).logits
         got1 = ours.denoise(canvas, dpos, kv)
-        res["decoder_step1"] = compare(got1, ref1)
+        res["decoder_step1"] = agreement(got1, ref1)
         sc = (ref1 / 0.8).to(dtype)  # second step with self-conditioning from the first step's logits
         ref2 = hf(past_key_values=cache, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
         got2 = ours.denoise(canvas, dpos, kv, sc)
-        res["decoder_step2_selfcond"] = compare(got2, ref2)
+        res["decoder_step2_selfcond"] = agreement(got2, ref2)
         for name, fn in [("transformers_eager_ms", lambda: hf(past_key_values=cache, decoder_input_ids=canvas)),
                          ("dgemma_reference_ms", lambda: ours.denoise(canvas, dpos, kv))]:
             fn()
