@@ -69,3 +69,6 @@ def test_fastpath_check_script_runs_and_agrees_on_cpu():
     for key in ("step1", "step2_selfcond", "folded_first_step"):
         assert out[key]["cosine"] > 0.99999 and out[key]["top1_agreement"] == 1.0, (key, out[key])
     assert out["cache_kv_min_layer_cosine"] > 0.99999
+    for key, stats in out["per_layer"].items():
+        value = stats if key.endswith("cosine") else stats["min_cosine"]
+        assert value > 0.99999, (key, stats)

@@ -15,13 +15,17 @@ results agree to float rounding. The vision tower is not implemented (text only)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dgemma.config import ModelArgs
 from dgemma.engine.cache import KVCache
+from dgemma.models import fused_layer
 from dgemma.models.fusion import fused_weight
+from dgemma.models.rope import apply_rope, rope_inv_freq  # noqa: F401 (rope_inv_freq: part of this module's API)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -60,12 +64,15 @@ def use_compiled_kernels(enabled: bool = True) -> None:
 
 def use_triton_kernels(enabled: bool = True) -> None:
     """The Triton kernels of dgemma/kernels on CUDA: canvas-over-cache attention in the static passes, the
-    router's softmax/top-k and the fused MoE for passes of >= MOE_TRITON_MIN_TOKENS tokens. Needs triton."""
+    router's softmax/top-k and the fused MoE for passes of >= MOE_TRITON_MIN_TOKENS tokens, and the static passes'
+    fused layer (models/fused_layer.py) unless DGEMMA_FUSED_LAYERS=0. Needs triton."""
     from dgemma import kernels
 
     if not enabled or not kernels.available("cuda"):
         KERNELS["canvas_attention"] = KERNELS["cache_lengths"] = KERNELS["moe"] = KERNELS["route"] = None
+        fused_layer.enable(False)
         return
+    fused_layer.enable(os.environ.get("DGEMMA_FUSED_LAYERS", "1") != "0")  # the static passes' fused layer
     from dgemma.kernels import attention, moe, router
 
     KERNELS["canvas_attention"] = torch.compiler.disable(attention.canvas_attention)
@@ -84,38 +91,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return KERNELS["rms_norm"](x, self.weight, self.eps)
-
-
-def rope_inv_freq(args: ModelArgs, layer_type: str) -> torch.Tensor:
-    """Inverse frequencies, one per pair of dims ([head_dim/2]).
-
-    Sliding layers use plain RoPE. Full layers use "proportional" RoPE: only the first `partial_rotary_factor` of
-    the angle slots rotate, with exponents over the *whole* head_dim, and the remaining slots get frequency 0
-    (cos 1, sin 0), so rotate_half still spans the full head (transformers `_compute_proportional_rope_parameters`).
-    """
-    rope = args.rope_parameters[layer_type]
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    head_dim = args.head_dim if layer_type == "sliding_attention" else args.global_head_dim
-    base = float(rope["rope_theta"])
-    if rope_type == "default":
-        dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-    if rope_type == "proportional":
-        angles = int(float(rope.get("partial_rotary_factor", 1.0)) * head_dim // 2)
-        rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
-        inv = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)])
-        return inv / float(rope.get("factor", 1.0))
-    raise ValueError(f"config.json: rope_type {rope_type!r} for {layer_type} is not supported")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, T, H, D]; cos/sin [B|1, T, D] → broadcast over heads.
-    return x * cos.unsqueeze(2) + rotate_half(x) * sin.unsqueeze(2)
 
 
 class Attention(nn.Module):
@@ -517,6 +492,8 @@ class DiffusionGemma(nn.Module):
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def run_layers(self, x, pos, cache: KVCache, encoder: bool, valid=None, static=False, rows=None) -> torch.Tensor:
+        if static and fused_layer.active(self, x):  # the CUDA fast path's layer: ~12 launches instead of ~30
+            return fused_layer.run_static(self, x, pos, cache, encoder, rows)
         if static and canvas_kernel_on(x):  # the kernel's bound on the occupied slots, set before any layer writes
             cache.kv_len = KERNELS["cache_lengths"](cache.pos[0])  # [B] on the device, recomputed at every replay
         rope = self.rope(pos, x.dtype)
@@ -582,12 +559,15 @@ class DiffusionGemma(nn.Module):
         so every layer's weights are read once for both (at batch 1 each pass streams all the weights). Writes the
         same cache entries and returns the same logits [B, C, V] as the two passes in turn."""
         B, C = canvas.shape
+        x = torch.cat([self.embed(ids), self.self_conditioning(self.embed(canvas), soft)], dim=1)  # [B, 2C, hidden]
+        both = torch.cat([enc_pos, pos.expand(B, -1)], dim=1)  # [B, 2C] positions
+        if fused_layer.active(self, x):
+            return self.lm_head(fused_layer.run_folded(self, x, both, cache, enc_pos)[:, C:], raw)
         if canvas_kernel_on(canvas):
             # The committed slots fill in layer by layer during this pass, each before its layer's decoder half
             # reads the cache: count them in from the start (recomputed at every replay).
             cache.kv_len = torch.maximum(KERNELS["cache_lengths"](cache.pos[0]), KERNELS["cache_lengths"](enc_pos))
-        x = torch.cat([self.embed(ids), self.self_conditioning(self.embed(canvas), soft)], dim=1)  # [B, 2C, hidden]
-        rope = self.rope(torch.cat([enc_pos, pos.expand(B, -1)], dim=1), x.dtype)
+        rope = self.rope(both, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer.forward_folded(x, *rope[self.args.layer_types[i]], cache, enc_pos)
         return self.lm_head(self.norm(x[:, C:]), raw)  # the encoder half's output is not needed (as in a commit pass)
