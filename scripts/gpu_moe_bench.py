@@ -8,6 +8,13 @@ model's grouped_mm path (`Experts.forward` without the Triton kernel: sort + gro
 each M-tile height the routing tables (one-program kernel vs torch sort), every gate_up and down tile in TILES, and
 the whole `moe()` with the fastest pair, checked against the grouped_mm output. Every time is a CUDA-graph replay,
 as the engine runs it. Prints the winners as CUDA_TILES entries to paste into dgemma/kernels/moe.py.
+
+    python3 scripts/gpu_moe_bench.py --dense [--tokens 256 512 2048] [--out moe_dense.json]
+
+times `moe(..., dense=...)` (the layer's dense MLP, Id 2112 = 3 × 704, as pseudo-experts in the same two launches)
+against `moe()` plus the separate torch dense MLP (F.linear on the stacked gate/up weight, gelu·up, F.linear down),
+and checks both outputs. Without a GPU, `TRITON_INTERPRET=1 python3 scripts/gpu_moe_bench.py --dense --tokens 40`
+runs it at a tiny shape in Triton's interpreter (a smoke test: the times mean nothing).
 """
 
 import argparse
@@ -17,7 +24,7 @@ import time
 import torch
 import triton
 
-from dgemma.benchmark import copy_bandwidth, graph_ms
+from dgemma.benchmark import copy_bandwidth, graph_ms, time_ms
 from dgemma.config import ModelArgs
 from dgemma.kernels import moe as kmoe
 from dgemma.kernels.moe import Tile
@@ -41,9 +48,13 @@ def try_ms(fn) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[256, 512, 2048, 4096])
+    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="default 256 512 2048 4096 (--dense: to 2048)")
     ap.add_argument("--quick", action="store_true", help="default tiles only: grouped_mm vs moe() per N")
+    ap.add_argument("--dense", action="store_true", help="moe(dense=...) vs moe() + the torch dense MLP per N")
     a = ap.parse_args()
+    if a.dense:
+        return bench_dense(a)
+    a.tokens = a.tokens or [256, 512, 2048, 4096]
     dev, dt = "cuda", torch.bfloat16
     t0 = time.time()
     g = torch.Generator(dev).manual_seed(0)
@@ -117,6 +128,49 @@ def main() -> None:
     if a.out:
         env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "copy_bandwidth_gb_s": bw / 1e9}
+        with open(a.out, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+
+
+def bench_dense(a) -> None:
+    """Per N: routed moe() alone, the torch dense MLP alone (`reference_dense`: the model's `gated_mlp` on the stacked
+    gate/up weight), both one after the other (today), and moe(dense=...)."""
+    cuda = torch.cuda.is_available()
+    dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    E, k, H, I, Id = (128, 8, 2816, 704, 2112) if cuda else (8, 2, 64, 16, 48)  # CPU: the interpreter's tiny shape
+    ms = graph_ms if cuda else (lambda fn: time_ms(fn, "cpu", reps=1, warmup=1))
+    tokens = a.tokens or [256, 512, 2048]
+    g = torch.Generator(dev).manual_seed(0)
+    gu = (torch.randn(E, 2 * I, H, device=dev, generator=g) * H**-0.5).to(dt)
+    dn = (torch.randn(E, H, I, device=dev, generator=g) * I**-0.5).to(dt)
+    gud = (torch.randn(2 * Id, H, device=dev, generator=g) * H**-0.5).to(dt)
+    dnd = (torch.randn(H, Id, device=dev, generator=g) * Id**-0.5).to(dt)
+    nbytes = sum(t.numel() * t.element_size() for t in (gu, dn, gud, dnd))
+    bw = copy_bandwidth(dev) if cuda else float("nan")
+    print(f"{dev}: experts {E}×{I}, top {k}, dense {Id} (J = {Id // I}), H {H}; weights {nbytes / 1e9:.3f} GB → "
+          f"floor {nbytes / bw * 1e6:.1f} us at copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    with torch.inference_mode():
+        for N in tokens:
+            x, xd = (torch.randn(N, H, device=dev, generator=g).to(dt) for _ in range(2))
+            weights, idx = torch.rand(N, E, device=dev, generator=g).softmax(-1).topk(k, dim=-1)
+            dense = (xd, gud, dnd)
+            out, out_d = kmoe.moe(x, weights, idx, gu, dn, dense=dense)
+            ref, ref_d = kmoe.moe(x, weights, idx, gu, dn), kmoe.reference_dense(*dense)
+            r = {"N": N, "routed_equal": bool(torch.equal(out, ref)),
+                 "dense_rel_err": ((out_d.float() - ref_d.float()).norm() / ref_d.float().norm()).item(),
+                 "moe_us": ms(lambda: kmoe.moe(x, weights, idx, gu, dn)) * 1e3,
+                 "torch_dense_us": ms(lambda: kmoe.reference_dense(*dense)) * 1e3,
+                 "separate_us": ms(lambda: (kmoe.moe(x, weights, idx, gu, dn), kmoe.reference_dense(*dense))) * 1e3,
+                 "fused_us": ms(lambda: kmoe.moe(x, weights, idx, gu, dn, dense=dense)) * 1e3}
+            print(f"N={N}: moe {r['moe_us']:.1f} us, torch dense {r['torch_dense_us']:.1f} us, moe + dense "
+                  f"{r['separate_us']:.1f} us → fused {r['fused_us']:.1f} us ({nbytes / r['fused_us'] / 1e3:.0f} GB/s, "
+                  f"saves {r['separate_us'] - r['fused_us']:.1f} us); routed output unchanged: {r['routed_equal']}, "
+                  f"dense rel err vs torch {r['dense_rel_err']:.1e}", flush=True)
+            rows.append(r)
+    if a.out:
+        env = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)", "torch": torch.__version__,
+               "triton": triton.__version__, "copy_bandwidth_gb_s": bw / 1e9}
         with open(a.out, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
 

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dgemma.kernels.ffn_tail import ffn_tail, reference_ffn_tail  # noqa: E402
+from dgemma.kernels.layer_norms import attn_residual, reference_attn_residual  # noqa: E402
 from dgemma.kernels.moe import align, align_reference, moe, reference_moe  # noqa: E402
 from dgemma.kernels.rms_norm import reference_rms_norm, rms_norm  # noqa: E402
 from dgemma.kernels.sampler import fused_sample, fused_scores, philox_exponentials, reference_sample  # noqa: E402
@@ -84,9 +85,13 @@ def test_sampler_matches_reference(dtype, softcap, probs_dtype, split, masked):
         R // temp.numel())[:, None]
     check_sample(out, ref, processed, noise, probs_dtype)
     assert torch.equal(out[1], torch.full((R,), TIES[0], device=DEV))
-    # The explicit-noise path gives the same results as the Philox path.
-    for a, b in zip(fused_sample(x, temp, noise=noise, softcap=softcap, probs_dtype=probs_dtype, split=1), out):
+    # The explicit-noise path gives the same results as the Philox path (same split: the same summation order).
+    for a, b in zip(fused_sample(x, temp, noise=noise, softcap=softcap, probs_dtype=probs_dtype, split=split), out):
         assert torch.equal(a, b)
+    # Another split sums in another order: the same draws and winners, sums equal up to float rounding.
+    other = fused_sample(x, temp, noise=noise, softcap=softcap, probs_dtype=probs_dtype, split=1)
+    assert torch.equal(other[0], out[0]) and torch.equal(other[1], out[1])
+    torch.testing.assert_close(other[2], out[2], rtol=1e-5, atol=1e-6)
 
 
 def test_fused_scores_is_a_drop_in_for_fast_scores():
@@ -191,6 +196,66 @@ def test_ffn_tail(dtype):
                   reference_ffn_tail(x, dense, moe, w1, w2, w, scalar, 1e-6))
 
 
+def rows_of(shape, dtype, g, scale=1.0, strided=False):
+    """Random rows; `strided`: a view whose rows sit two rows apart (last-dim stride 1)."""
+    if not strided:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+    wide = (torch.randn(*shape[:-1], 2, shape[-1], generator=g) * scale).to(dtype).to(DEV)
+    return wide[..., 1, :]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("D,split,next_norm,strided", [(2816, None, True, False), (2816, 20, True, True),
+                                                       (48, 7, False, False), (48, 0, True, True),
+                                                       (48, 40, True, False)])
+def test_ffn_tail_options(dtype, D, split, next_norm, strided):
+    g = torch.Generator().manual_seed(D + (split or 0))
+    x, dense, moe = (rows_of((2, 40, D), dtype, g, s, strided) for s in (20, 1, 0.05))
+    w1, w2, w, wn = ((torch.rand(D, generator=g) * 2).to(dtype).to(DEV) for _ in range(4))
+    opts = {"next_weight": wn if next_norm else None}
+    if split is not None:
+        opts |= {"scalar2": torch.tensor([-1.5], dtype=dtype, device=DEV), "split": split}
+    scalar = torch.tensor([0.75], dtype=dtype, device=DEV)
+    out = ffn_tail(x, dense, moe, w1, w2, w, scalar, 1e-6, **opts)
+    ref = reference_ffn_tail(x, dense, moe, w1, w2, w, scalar, 1e-6, **opts)
+    for o, r in zip(out, ref) if next_norm else [(out, ref)]:
+        check_rounded(o, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,strided", [((2, 20, 2816), False), ((37, 48), False), ((3, 13, 48), True)])
+def test_attn_residual(dtype, shape, strided):
+    g = torch.Generator().manual_seed(shape[-1])
+    D = shape[-1]
+    o, x = rows_of(shape, dtype, g, 1, strided), rows_of(shape, dtype, g, 20)
+    w_attn, w_dense, w_moe, scale = ((torch.rand(D, generator=g) * 2).to(dtype).to(DEV) for _ in range(4))
+    args = (o, x, w_attn, w_dense, w_moe, scale, D**-0.5, 1e-6)
+    for out, ref in zip(attn_residual(*args), reference_attn_residual(*args), strict=True):
+        check_rounded(out, ref)
+
+
+def test_layer_norms_validate_inputs():
+    x = torch.randn(2, 4, 48, device=DEV).bfloat16()
+    w = torch.rand(48, device=DEV).bfloat16()
+    one = torch.ones(1, device=DEV).bfloat16()
+    with pytest.raises(ValueError, match="share one of"):
+        attn_residual(x.float(), x, w, w, w, w, 0.1, 1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        attn_residual(x[:, :3], x, w, w, w, w, 0.1, 1e-6)
+    with pytest.raises(ValueError, match="w_pre_ff2 must be a contiguous"):
+        attn_residual(x, x, w, w, w[:47], w, 0.1, 1e-6)
+    with pytest.raises(ValueError, match="router_scale is torch.float32"):
+        attn_residual(x, x, w, w, w, w.float(), 0.1, 1e-6)
+    with pytest.raises(ValueError, match="next_weight must be a contiguous"):
+        ffn_tail(x, x, x, w, w, w, one, 1e-6, next_weight=torch.rand(96, device=DEV)[::2])
+    with pytest.raises(ValueError, match="go together"):
+        ffn_tail(x, x, x, w, w, w, one, 1e-6, scalar2=one)
+    with pytest.raises(ValueError, match=r"split must be an int in \[0, 4\]"):
+        ffn_tail(x, x, x, w, w, w, one, 1e-6, scalar2=one, split=5)
+    with pytest.raises(ValueError, match="scalar2 must have one element"):
+        ffn_tail(x, x, x, w, w, w, one, 1e-6, scalar2=w, split=2)
+
+
 def moe_case(N, E, k, H, I, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, H, generator=g).to(dtype).to(device)
@@ -248,6 +313,90 @@ def test_moe_matches_model_experts(dtype, atomic):
     else:  # GEMM sums in another order: the bf16 roundings of gate/up/y may differ by an ulp, rarely
         assert (out == ref).float().mean() >= 0.95
         torch.testing.assert_close(out.float(), ref.float(), rtol=2**-6, atol=2**-6 * float(ref.abs().max()))
+
+
+def dense_case(N, H, Id, dtype, device, seed=1):
+    """The dense MLP's input (normed, so O(1)) and its stacked gate/up [2·Id, H] and down [H, Id] weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g).to(dtype).to(device)
+    gate_up = (torch.randn(2 * Id, H, generator=g) * H**-0.5).to(dtype).to(device)
+    down = (torch.randn(H, Id, generator=g) * Id**-0.5).to(dtype).to(device)
+    return x, gate_up, down
+
+
+@pytest.mark.parametrize("dtype,Id,atomic", [(torch.bfloat16, 48, False), (torch.float32, 48, False),
+                                             (torch.bfloat16, 16, False), (torch.float32, 16, False),
+                                             (torch.bfloat16, 48, True)])
+def test_moe_dense_pseudo_experts(dtype, Id, atomic):
+    """The dense MLP as Id / I pseudo-experts in moe's launches: the model's gated MLP (stacked gate/up weight), and
+    the routed output exactly as without it."""
+    from dgemma.kernels.moe import reference_dense
+    from dgemma.models.diffusion_gemma import MLP
+
+    N, H, I, E, k = 40, 64, 16, 8, 2
+    x, weights, idx, gate_up, down = moe_case(N=N, E=E, k=k, H=H, I=I, dtype=dtype, device=DEV)
+    xd, gate_up_d, down_d = dense_case(N, H, Id, dtype, DEV)
+    out, dense = moe(x, weights, idx, gate_up, down, atomic=atomic, dense=(xd, gate_up_d, down_d))
+    ref_dense = reference_dense(xd, gate_up_d, down_d)
+    mlp = MLP(H, Id).to(DEV, dtype)
+    mlp.down_proj.weight.data = down_d
+    with torch.no_grad():
+        assert torch.equal(mlp(xd, gate_up_d), ref_dense)  # the model's dense branch with the fused weight
+        ref = model_experts(gate_up, down)(x, weights, idx)
+    check_rounded(dense, ref_dense)  # fp32 parts summed in order, cast once: as one GEMM's accumulation
+    routed = moe(x, weights, idx, gate_up, down, atomic=atomic)
+    if atomic:  # atomics add in any order (on GPU)
+        torch.testing.assert_close(out, routed)
+    else:
+        assert torch.equal(out, routed)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert (out == ref).float().mean() >= 0.95
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2**-6, atol=2**-6 * float(ref.abs().max()))
+
+
+def test_moe_dense_checks():
+    x, weights, idx, gate_up, down = moe_case(N=5, E=4, k=2, H=32, I=16, dtype=torch.float32, device=DEV)
+    xd, gate_up_d, down_d = dense_case(5, 32, 24, torch.float32, DEV)
+    with pytest.raises(ValueError, match="Id % 16 == 0"):  # 24 is not a multiple of I = 16
+        moe(x, weights, idx, gate_up, down, dense=(xd, gate_up_d, down_d))
+    xd, gate_up_d, down_d = dense_case(5, 32, 32, torch.float32, DEV)
+    with pytest.raises(ValueError, match="dense needs x_dense"):
+        moe(x, weights, idx, gate_up, down, dense=(xd[:4], gate_up_d, down_d))
+    with pytest.raises(ValueError, match="x's dtype"):
+        moe(x, weights, idx, gate_up, down, dense=(xd, gate_up_d.bfloat16(), down_d))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [256, 2048])
+@pytest.mark.parametrize("atomic", [False, True])
+def test_moe_dense_real_shape_cuda(tokens, atomic):
+    """26B-A4B: the dense MLP (Id 2112 = 3 × 704) in the routed experts' launches against grouped_mm + F.linear."""
+    from dgemma.engine.fast import capture_graph
+    from dgemma.kernels.moe import reference_dense
+
+    x, weights, idx, gate_up, down = moe_case(N=tokens, E=128, k=8, H=2816, I=704, dtype=torch.bfloat16,
+                                              device="cuda", seed=tokens)
+    xd, gate_up_d, down_d = dense_case(tokens, 2816, 2112, torch.bfloat16, "cuda", seed=tokens + 1)
+    with torch.no_grad():
+        ref = model_experts(gate_up, down)(x, weights, idx)  # the grouped_mm path
+    ref_dense = reference_dense(xd, gate_up_d, down_d)
+    out, dense = moe(x, weights, idx, gate_up, down, atomic=atomic, dense=(xd, gate_up_d, down_d))
+    for got, want in ((out, ref), (dense, ref_dense)):
+        err = (got.float() - want.float()).norm() / want.float().norm()
+        assert err < 5e-3, float(err)
+    if not atomic:
+        assert torch.equal(out, moe(x, weights, idx, gate_up, down))  # the routed tiles are untouched
+    res = torch.empty_like(out), torch.empty_like(dense)  # graph-capturable: the grid is static in the shapes
+    graph = capture_graph(lambda: [r.copy_(t) for r, t in zip(res, moe(x, weights, idx, gate_up, down,
+                                                                       atomic=atomic, dense=(xd, gate_up_d, down_d)))])
+    graph.replay()
+    for r, t in zip(res, (out, dense)):
+        if atomic:
+            torch.testing.assert_close(r, t)
+        else:
+            assert torch.equal(r, t)
 
 
 # --- GPU, real shapes ---------------------------------------------------------------------------------------------
@@ -326,6 +475,40 @@ def test_norms_real_shape_cuda(tokens):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [256, 512])
+def test_layer_norms_real_shape_cuda(tokens):
+    """attn_residual and both ffn_tail options at the real shapes, then replayed in a CUDA graph (no host sync)."""
+    g = torch.Generator("cuda").manual_seed(tokens)
+    D, C = 2816, tokens // 2
+    o, x, dense, moe = ((torch.randn(2, tokens, D, device="cuda", generator=g) * s).bfloat16()
+                        for s in (1, 20, 1, 0.05))
+    w = [torch.rand(D, device="cuda", generator=g).bfloat16() * 2 for _ in range(8)]
+    s1, s2 = torch.tensor([0.75], device="cuda").bfloat16(), torch.tensor([0.5], device="cuda").bfloat16()
+    attn_args = (o, x, *w[:4], D**-0.5, 1e-6)
+    tail_args = (x, dense, moe, *w[4:7], s1, 1e-6)
+    tail_opts = {"next_weight": w[7], "scalar2": s2, "split": C}
+
+    def check():
+        for out, ref in zip(attn_residual(*attn_args), reference_attn_residual(*attn_args), strict=True):
+            check_rounded(out, ref)
+        for out, ref in zip(ffn_tail(*tail_args, **tail_opts), reference_ffn_tail(*tail_args, **tail_opts)):
+            check_rounded(out, ref)
+        check_rounded(ffn_tail(*tail_args), reference_ffn_tail(*tail_args))
+
+    check()  # compiles both kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = (*attn_residual(*attn_args), *ffn_tail(*tail_args, **tail_opts))
+    for t in (o, x, dense, moe):
+        t.copy_(torch.randn(t.shape, device="cuda", generator=g).bfloat16() * float(t.float().std()))
+    s1.fill_(-1.25)
+    graph.replay()
+    refs = (*reference_attn_residual(*attn_args), *reference_ffn_tail(*tail_args, **tail_opts))
+    for out, ref in zip(outs, refs, strict=True):
+        check_rounded(out, ref)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [256, 2048])
 @pytest.mark.parametrize("atomic", [False, True])
 def test_moe_real_shape_cuda(tokens, atomic):
@@ -401,3 +584,109 @@ def test_route_real_shape_cuda():
     w, idx = route(scores, scale, 8)
     ref_w, ref_idx = reference_route(scores, scale, 8)
     check_route(scores, idx, w, ref_idx, ref_w)
+
+
+# --- q/k/v prep -----------------------------------------------------------------------------------------------------
+
+def qkv_case(B, T, H, Hkv, D, has_v, dtype, cos_batch, device=DEV, seed=0):
+    """A stacked projection output with padded rows (row stride > width), cos/sin, and the two norm weights."""
+    g = torch.Generator(device).manual_seed(seed)
+    W = (H + (2 if has_v else 1) * Hkv) * D
+    qkv = (torch.randn(B, T, W + 8, device=device, generator=g) * 3).to(dtype)[..., :W]
+    angle = torch.rand(cos_batch, T, D // 2, device=device, generator=g) * 6.3
+    cos, sin = (f(torch.cat((angle, angle), -1)).to(dtype) for f in (torch.cos, torch.sin))
+    qw, kw = ((torch.rand(D, device=device, generator=g) * 2).to(dtype) for _ in range(2))
+    return qkv, cos, sin, qw, kw
+
+
+def check_qkv(out, ref):
+    for o, r in zip(out, ref):
+        check_rounded(o, r)
+    assert out[0].transpose(1, 2).is_contiguous()  # q: the [B, H, T, D] view of [B, T, H, D]
+
+
+def slots(B, Hkv, T, D, dtype, device=DEV):
+    """k/v destinations as the engine passes them: slots cap..cap+T of a [B, Hkv, S, D] cache buffer."""
+    buf = torch.randn(B, Hkv, T + 11, D, device=device).to(dtype)
+    return buf, buf.clone(), buf[:, :, 4:4 + T]
+
+
+@pytest.mark.parametrize("D,has_v,dtype,cos_batch,strided_out", [
+    (32, True, torch.bfloat16, 1, False), (32, False, torch.float32, 2, True), (256, True, torch.float32, 1, True),
+    (256, False, torch.bfloat16, 2, False), (24, True, torch.bfloat16, 2, True), (64, True, torch.float16, 1, True),
+    (512, False, torch.bfloat16, 1, True)])
+def test_qkv_prep(D, has_v, dtype, cos_batch, strided_out):
+    from dgemma.kernels.qkv_prep import qkv_prep, reference_qkv_prep
+
+    B, T, H, Hkv = 2, 5 if D == 512 else 19, 4, 2
+    args = (*qkv_case(B, T, H, Hkv, D, has_v, dtype, cos_batch, seed=D), 1e-6, H, Hkv)
+    if not strided_out:
+        check_qkv(qkv_prep(*args), reference_qkv_prep(*args))
+        return
+    (kbuf, kbefore, k_out), (vbuf, vbefore, v_out) = slots(B, Hkv, T, D, dtype), slots(B, Hkv, T, D, dtype)
+    q, k, v = qkv_prep(*args, k_out=k_out, v_out=v_out)
+    assert k is k_out and v is v_out
+    check_qkv((q, k, v), reference_qkv_prep(*args))
+    for buf, before in ((kbuf, kbefore), (vbuf, vbefore)):  # nothing outside the slots is written
+        assert torch.equal(buf[:, :, :4], before[:, :, :4]) and torch.equal(buf[:, :, 4 + T:], before[:, :, 4 + T:])
+
+
+@pytest.mark.parametrize("layer", [0, 1])  # sliding (v_proj), full (K=V)
+def test_qkv_prep_reference_is_attention_project(layer):
+    """reference_qkv_prep is `Attention._project` after its GEMM, bit for bit; the kernel matches it (bf16)."""
+    from dgemma.config import ModelArgs
+    from dgemma.kernels.qkv_prep import qkv_prep, reference_qkv_prep
+    from dgemma.models.diffusion_gemma import Attention
+
+    args = ModelArgs(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     num_global_key_value_heads=1, global_head_dim=32, layer_types=["sliding_attention",
+                                                                                     "full_attention"])
+    torch.manual_seed(layer)
+    attn = Attention(args, layer)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape) * (0.2 if p.dim() > 1 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
+        attn.to(torch.bfloat16)
+        x = torch.randn(2, 7, 48).bfloat16()
+        _, cos, sin, _, _ = qkv_case(2, 7, 1, 1, attn.head_dim, False, torch.bfloat16, 1, device="cpu")
+        ref = attn._project(x, cos, sin, False, None)
+        qkv = torch.cat([attn.linear(name, x, False) for name in attn.qkv_names], -1)
+        qkv_args = (qkv, cos, sin, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, attn.n_heads, attn.n_kv)
+        for a, b in zip(reference_qkv_prep(*qkv_args), ref):
+            assert torch.equal(a, b)
+        check_qkv(qkv_prep(*(t.to(DEV) if torch.is_tensor(t) else t for t in qkv_args)), ref)
+
+
+def test_qkv_prep_rejects_bad_inputs():
+    from dgemma.kernels.qkv_prep import qkv_prep
+
+    qkv, cos, sin, qw, kw = qkv_case(2, 3, 4, 2, 8, True, torch.float32, 1)
+    bad = [
+        (dict(qkv=qkv.bfloat16()), "share one of"),
+        (dict(qkv=qkv[..., :-8]), "neither"),
+        (dict(qw=qw[:7], kw=kw[:7]), "D even"),
+        (dict(kw=kw[:4]), "k_weight"),
+        (dict(cos=cos[:, :2]), "cos must be"),
+        (dict(sin=sin.expand(3, -1, -1)), "sin must be"),
+        (dict(k_out=torch.empty(2, 2, 4, 8, device=DEV)), "k_out must be"),
+        (dict(v_out=torch.empty(2, 2, 8, 3, device=DEV).transpose(2, 3)), "v_out must be"),  # last stride 3
+    ]
+    for change, match in bad:
+        a = dict(qkv=qkv, cos=cos, sin=sin, qw=qw, kw=kw, k_out=None, v_out=None) | change
+        with pytest.raises(ValueError, match=match):
+            qkv_prep(a["qkv"], a["cos"], a["sin"], a["qw"], a["kw"], 1e-6, 4, 2, k_out=a["k_out"], v_out=a["v_out"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,Hkv,D,has_v", [(16, 8, 256, True), (16, 2, 512, False)])  # sliding, full layers
+def test_qkv_prep_real_shape_cuda(H, Hkv, D, has_v):
+    from dgemma.kernels.qkv_prep import qkv_prep, reference_qkv_prep
+
+    B, T = 1, 256
+    args = (*qkv_case(B, T, H, Hkv, D, has_v, torch.bfloat16, 1, device="cuda", seed=D), 1e-6, H, Hkv)
+    ref = reference_qkv_prep(*args)
+    check_qkv(qkv_prep(*args), ref)
+    (kbuf, kbefore, k_out), (vbuf, vbefore, v_out) = (slots(B, Hkv, T, D, torch.bfloat16, "cuda") for _ in "kv")
+    check_qkv(qkv_prep(*args, k_out=k_out, v_out=v_out), ref)
+    for buf, before in ((kbuf, kbefore), (vbuf, vbefore)):
+        assert torch.equal(buf[:, :, :4], before[:, :, :4]) and torch.equal(buf[:, :, 4 + T:], before[:, :, 4 + T:])

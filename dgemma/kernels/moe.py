@@ -14,6 +14,12 @@ Notable choices:
 - The second GEMM multiplies by the router weight and writes fp32 rows in pair order; `.view(N, k, H).sum(1)`
   then adds the k rows in the reference's order (deterministic). `atomic=True` adds into [N, H] fp32 with atomics
   instead (less memory traffic, summation order not deterministic).
+- The layer's dense MLP (intermediate Id = J·I; 2112 = 3 × 704 in 26B-A4B) can ride along (`dense=`): J
+  pseudo-experts of width I that every token visits with weight 1, as J·cdiv(N, BLOCK_M) extra programs at the end
+  of both grids (static in the shapes, no routing tables). Each program picks its weights by branch (routed: the
+  expert tensors, dense: the separate [2·Id, H] / [H, Id] tensors, never copied together); the J fp32 parts are
+  summed and cast once by the k-sum launch, as one GEMM's fp32 accumulation would be. Saves the dense MLP's three
+  launches (two GEMMs well below bandwidth at batch 1, the gelu·up kernel).
 - Routing tables come from one launch (`_align_kernel`, one program per expert, a histogram and a stable counting
   sort) instead of torch's radix sort and a dozen small kernels.
 - BLOCK_M follows the tokens per expert (`block_m_for`); BLOCK_N, BLOCK_K, warps and stages are pinned per BLOCK_M
@@ -40,27 +46,37 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + tanh(inner))
 
 
-@triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, slots_ptr, block_expert_ptr, act_ptr, P, E,
-                    stride_x, stride_we, stride_wn, stride_a,
-                    I: tl.constexpr, H: tl.constexpr, TOP_K: tl.constexpr, MODE: tl.constexpr,
+@triton.jit(do_not_specialize=["N", "n_routed"])  # no recompile per token count
+def _gate_up_kernel(x_ptr, w_ptr, xd_ptr, wd_ptr, slots_ptr, block_expert_ptr, act_ptr, P, E, N, n_routed,
+                    stride_x, stride_we, stride_wn, stride_xd, stride_wdn, stride_a,
+                    I: tl.constexpr, ID: tl.constexpr, H: tl.constexpr, TOP_K: tl.constexpr, MODE: tl.constexpr,
                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
-    e = tl.load(block_expert_ptr + b)
+    e = tl.load(block_expert_ptr + b, mask=b < n_routed, other=0)
     if e >= E:  # past the last expert's tiles
         return
-    rows = b * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(slots_ptr + rows)
-    valid = pair < P
-    tok = tl.where(valid, pair // TOP_K, 0).to(tl.int64)
+    rows = b * BLOCK_M + tl.arange(0, BLOCK_M)  # this tile's act rows, routed or dense
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_gate = w_ptr + e.to(tl.int64) * stride_we + n[:, None] * stride_wn
-    w_up = w_gate + I * stride_wn
+    # Both branches yield 2-D pointer blocks: a 1-D [BLOCK_M] one lost its alignment across the branch (sm_90 PTX:
+    # the A tile was loaded an element at a time instead of by 16-byte cp.async).
+    if b < n_routed:  # expert e's tile: token rows gathered by pair
+        pair = tl.load(slots_ptr + rows)
+        valid = pair < P
+        a_rows = x_ptr + tl.where(valid, pair // TOP_K, 0).to(tl.int64)[:, None] * stride_x
+        w_gate = w_ptr + e.to(tl.int64) * stride_we + n[:, None] * stride_wn
+        w_up = w_gate + I * stride_wn
+    else:  # dense pseudo-expert j (gate rows j·I.., up rows ID + j·I..) over token tile m, all tokens in order
+        m_tiles = (N + BLOCK_M - 1) // BLOCK_M
+        j, tok = (b - n_routed) // m_tiles, ((b - n_routed) % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = tok < N
+        a_rows = xd_ptr + tl.where(valid, tok, 0).to(tl.int64)[:, None] * stride_xd
+        w_gate = wd_ptr + (j * I + n[:, None]).to(tl.int64) * stride_wdn
+        w_up = w_gate + ID * stride_wdn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + tok[:, None] * stride_x + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0)
+        a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0)
         wmask = (n < I)[:, None] & (k < H)[None, :]
         bg = tl.load(w_gate + k[None, :], mask=wmask, other=0.0)
         bu = tl.load(w_up + k[None, :], mask=wmask, other=0.0)
@@ -74,20 +90,30 @@ def _gate_up_kernel(x_ptr, w_ptr, slots_ptr, block_expert_ptr, act_ptr, P, E,
     tl.store(out, h.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (n < I)[None, :])
 
 
-@triton.jit
-def _down_kernel(act_ptr, w_ptr, slots_ptr, block_expert_ptr, rw_ptr, out_ptr, P, E,
-                 stride_a, stride_we, stride_wn, stride_o,
-                 I: tl.constexpr, H: tl.constexpr, TOP_K: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr,
-                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=["N", "n_routed"])
+def _down_kernel(act_ptr, w_ptr, wd_ptr, slots_ptr, block_expert_ptr, rw_ptr, out_ptr, P, E, N, n_routed,
+                 stride_a, stride_we, stride_wn, stride_wdn, stride_o,
+                 I: tl.constexpr, H: tl.constexpr, TOP_K: tl.constexpr, DENSE_J: tl.constexpr, MODE: tl.constexpr,
+                 ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
-    e = tl.load(block_expert_ptr + b)
+    e = tl.load(block_expert_ptr + b, mask=b < n_routed, other=0)
     if e >= E:
         return
     rows = b * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(slots_ptr + rows)
-    valid = pair < P
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_down = w_ptr + e.to(tl.int64) * stride_we + n[:, None] * stride_wn
+    if b < n_routed:
+        pair = tl.load(slots_ptr + rows)
+        valid = pair < P
+        w_down = w_ptr + e.to(tl.int64) * stride_we + n[:, None] * stride_wn
+        out_row = pair // TOP_K if ATOMIC else pair
+    else:  # dense pseudo-expert j: down columns j·I.., weight 1, rows after the pairs (see `down_launch`)
+        m_tiles = (N + BLOCK_M - 1) // BLOCK_M
+        j, tok = (b - n_routed) // m_tiles, ((b - n_routed) % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = tok < N
+        w_down = wd_ptr + n[:, None].to(tl.int64) * stride_wdn + j * I
+        pair = tok  # unused (no router weight)
+        out_row = N + tok if ATOMIC else P + tok * DENSE_J + j
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -97,12 +123,14 @@ def _down_kernel(act_ptr, w_ptr, slots_ptr, block_expert_ptr, rw_ptr, out_ptr, P
         if UPCAST:
             a, bw = a.to(tl.float32), bw.to(tl.float32)
         acc = tl.dot(a, tl.trans(bw), acc)
-    y = round_to(acc, MODE) * tl.load(rw_ptr + pair, mask=valid, other=0.0)[:, None]  # bf16 y × fp32 w → fp32
+    y = acc  # dense: the fp32 part, rounded once after the J parts are added (`_sum_k_kernel`)
+    if b < n_routed:  # bf16 y × fp32 w → fp32
+        y = round_to(acc, MODE) * tl.load(rw_ptr + pair, mask=valid, other=0.0)[:, None]
     mask = valid[:, None] & (n < H)[None, :]
     if ATOMIC:
-        tl.atomic_add(out_ptr + (pair // TOP_K).to(tl.int64)[:, None] * stride_o + n[None, :], y, mask=mask)
+        tl.atomic_add(out_ptr + out_row.to(tl.int64)[:, None] * stride_o + n[None, :], y, mask=mask)
     else:
-        tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_o + n[None, :], y, mask=mask)
+        tl.store(out_ptr + out_row.to(tl.int64)[:, None] * stride_o + n[None, :], y, mask=mask)
 
 
 @triton.jit
@@ -147,15 +175,22 @@ def _align_kernel(idx_ptr, slots_ptr, block_expert_ptr, E: tl.constexpr, P: tl.c
             tl.store(slots_ptr + rows, tl.full([TAIL_CHUNK, BLOCK_M], P, tl.int32), mask=tail[:, None])
 
 
-@triton.jit
-def _sum_k_kernel(y_ptr, out_ptr, H: tl.constexpr, TOP_K: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t] = Σ_j y[t·k + j] in fp32, j in order (as `.view(N, k, H).sum(1)`), cast once to out's dtype."""
+@triton.jit(do_not_specialize=["N"])
+def _sum_k_kernel(y_ptr, out_ptr, dense_ptr, N, H: tl.constexpr, TOP_K: tl.constexpr, DENSE_J: tl.constexpr,
+                  MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = Σ_j y[t·k + j] in fp32, j in order (as `.view(N, k, H).sum(1)`), cast once to out's dtype; with
+    DENSE_J > 0 also dense[t] = Σ_j y[N·k + t·DENSE_J + j], the dense MLP's fp32 parts, cast once."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(TOP_K):
         acc += tl.load(y_ptr + (t * TOP_K + j) * H + cols, mask=cols < H, other=0.0)
     tl.store(out_ptr + t * H + cols, round_to(acc, MODE).to(out_ptr.dtype.element_ty), mask=cols < H)
+    if DENSE_J > 0:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in range(DENSE_J):
+            acc += tl.load(y_ptr + (N * TOP_K + t * DENSE_J + j) * H + cols, mask=cols < H, other=0.0)
+        tl.store(dense_ptr + t * H + cols, round_to(acc, MODE).to(dense_ptr.dtype.element_ty), mask=cols < H)
 
 
 class Tile(NamedTuple):
@@ -228,10 +263,13 @@ def align(idx: torch.Tensor, num_experts: int, block_m: int, kernel: bool | None
 
 
 def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-        atomic: bool = False, block_m: int | None = None,
-        tiles: tuple[Tile, Tile] | None = None) -> torch.Tensor:
+        atomic: bool = False, block_m: int | None = None, tiles: tuple[Tile, Tile] | None = None, *,
+        dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Routed experts: x [N, H] (model dtype), router weights [N, k] fp32 and indices [N, k], gate_up [E, 2I, H]
     (gate rows first), down [E, H, I] → [N, H] in x's dtype. Drop-in for `Experts.forward(x, weights, idx)`.
+    `dense` = (x_dense [N, H], gate_up_d [2·Id, H] (gate rows, then up), down_d [H, Id]) with Id a multiple of I
+    adds the layer's dense MLP as Id / I pseudo-experts in the same two launches and returns (moe, dense).
     `block_m` and `tiles` (gate_up, down) override the defaults (the tile benchmark uses them)."""
     N, H = x.shape
     E, two_i, _ = gate_up.shape
@@ -242,53 +280,87 @@ def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torc
         raise ValueError("moe: x and the expert weights must share one of fp32, bf16, fp16")
     if x.stride(1) != 1 or gate_up.stride(2) != 1 or down.stride(2) != 1:
         raise ValueError("moe: x and the expert weights need unit stride along their last dim")
+    if dense is not None:
+        check_dense(x, dense, I)
     P = N * k
     bm = block_m or block_m_for(P, E)
     cuda = x.device.type == "cuda"
     t_gu, t_down = tiles or (CUDA_TILES[bm] if cuda else (INTERPRET_TILE, INTERPRET_TILE))
     slots, block_expert = align(idx, E, bm)
-    act = gate_up_launch(x, gate_up, slots, block_expert, k, bm, t_gu)
-    out = down_launch(act, down, slots, block_expert, weights, N, bm, t_down, atomic)
+    xd, gate_up_d, down_d = dense if dense is not None else (None, None, None)
+    act = gate_up_launch(x, gate_up, slots, block_expert, k, bm, t_gu, dense=None if xd is None else (xd, gate_up_d))
+    out = down_launch(act, down, slots, block_expert, weights, N, bm, t_down, atomic, dense_down=down_d)
     if atomic:
-        return out.to(x.dtype)
-    return sum_k(out, N, k, x.dtype)
+        out = out.to(x.dtype)  # [N, H], or [2N, H] with the dense rows after the routed ones
+        return out if dense is None else (out[:N], out[N:])
+    return sum_k(out, N, k, x.dtype, dense_j=0 if down_d is None else down_d.shape[1] // I)
 
 
-def gate_up_launch(x, gate_up, slots, block_expert, k: int, bm: int, tile: Tile) -> torch.Tensor:
-    """act [n_blocks·bm, I] (x's dtype) = gelu(x_t Wg_eᵀ) · (x_t Wu_eᵀ) for every routed pair, in slot order."""
+def check_dense(x: torch.Tensor, dense, I: int):
+    """`moe`'s dense argument: x_dense like x, gate_up_d [2·Id, H] and down_d [H, Id] in x's dtype, Id = J·I."""
+    xd, gu, dn = dense
+    N, H = x.shape
+    Id = dn.shape[-1]
+    if xd.shape != (N, H) or gu.shape != (2 * Id, H) or dn.shape != (H, Id) or Id == 0 or Id % I:
+        raise ValueError(f"moe: dense needs x_dense [{N}, {H}], gate_up_d [2·Id, {H}], down_d [{H}, Id], Id % {I} == 0")
+    if any(t.dtype != x.dtype for t in dense) or any(t.stride(-1) != 1 for t in dense):
+        raise ValueError("moe: the dense tensors need x's dtype and unit stride along their last dim")
+
+
+def dense_tiles(N: int, bm: int, dense_j: int) -> int:
+    """Programs for the dense pseudo-experts after the routed tiles: J × cdiv(N, bm) (a static function of shapes)."""
+    return dense_j * triton.cdiv(N, bm)
+
+
+def gate_up_launch(x, gate_up, slots, block_expert, k: int, bm: int, tile: Tile, dense=None) -> torch.Tensor:
+    """act [(n_blocks + dense tiles)·bm, I] (x's dtype) = gelu(x_t Wg_eᵀ) · (x_t Wu_eᵀ) for every routed pair, in
+    slot order, then (dense = (x_dense, gate_up_d)) every token × dense pseudo-expert, tile by tile."""
     N, H = x.shape
     E, two_i, _ = gate_up.shape
     I, n_blocks = two_i // 2, block_expert.numel()
-    act = torch.empty(n_blocks * bm, I, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(n_blocks, triton.cdiv(I, tile.n))](
-        x, gate_up, slots, block_expert, act, N * k, E, x.stride(0), gate_up.stride(0), gate_up.stride(1),
-        act.stride(0), I=I, H=H, TOP_K=k, MODE=MODES[x.dtype], UPCAST=x.device.type != "cuda", BLOCK_M=bm,
-        BLOCK_N=tile.n, BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages)
+    xd, gud = dense if dense is not None else (x, gate_up[0])  # no dense tiles: any valid pointers
+    Id = gud.shape[0] // 2
+    grid_m = n_blocks + (dense_tiles(N, bm, Id // I) if dense is not None else 0)
+    act = torch.empty(grid_m * bm, I, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(grid_m, triton.cdiv(I, tile.n))](
+        x, gate_up, xd, gud, slots, block_expert, act, N * k, E, N, n_blocks, x.stride(0), gate_up.stride(0),
+        gate_up.stride(1), xd.stride(0), gud.stride(0), act.stride(0), I=I, ID=Id, H=H, TOP_K=k,
+        MODE=MODES[x.dtype], UPCAST=x.device.type != "cuda", BLOCK_M=bm, BLOCK_N=tile.n, BLOCK_K=tile.k,
+        num_warps=tile.warps, num_stages=tile.stages)
     return act
 
 
-def down_launch(act, down, slots, block_expert, weights, N: int, bm: int, tile: Tile, atomic: bool = False):
-    """fp32 w_p · (act_p Wd_eᵀ): rows in pair order [N·k, H], or (atomic) summed per token into [N, H]."""
+def down_launch(act, down, slots, block_expert, weights, N: int, bm: int, tile: Tile, atomic: bool = False,
+                dense_down=None):
+    """fp32 w_p · (act_p Wd_eᵀ): rows in pair order [N·k, H], or (atomic) summed per token into [N, H]. With
+    dense_down [H, Id] the J = Id / I dense parts follow unweighted and unrounded: rows N·k + t·J + j (or, atomic,
+    summed into rows N + t)."""
     E, H, I = down.shape
     k, n_blocks = weights.shape[1], block_expert.numel()
-    out = torch.zeros(N, H, dtype=torch.float32, device=act.device) if atomic else \
-        torch.empty(N * k, H, dtype=torch.float32, device=act.device)
-    _down_kernel[(n_blocks, triton.cdiv(H, tile.n))](
-        act, down, slots, block_expert, weights.reshape(-1).float(), out, N * k, E, act.stride(0), down.stride(0),
-        down.stride(1), out.stride(0), I=I, H=H, TOP_K=k, MODE=MODES[act.dtype], ATOMIC=atomic,
-        UPCAST=act.device.type != "cuda", BLOCK_M=bm, BLOCK_N=tile.n, BLOCK_K=tile.k, num_warps=tile.warps,
-        num_stages=tile.stages)
+    J = dense_down.shape[1] // I if dense_down is not None else 0
+    rows = (2 * N if J else N) if atomic else N * k + N * J
+    out = torch.zeros(rows, H, dtype=torch.float32, device=act.device) if atomic else \
+        torch.empty(rows, H, dtype=torch.float32, device=act.device)
+    wd = dense_down if dense_down is not None else down[0]
+    grid_m = n_blocks + dense_tiles(N, bm, J)
+    _down_kernel[(grid_m, triton.cdiv(H, tile.n))](
+        act, down, wd, slots, block_expert, weights.reshape(-1).float(), out, N * k, E, N, n_blocks, act.stride(0),
+        down.stride(0), down.stride(1), wd.stride(0), out.stride(0), I=I, H=H, TOP_K=k, DENSE_J=J,
+        MODE=MODES[act.dtype], ATOMIC=atomic, UPCAST=act.device.type != "cuda", BLOCK_M=bm, BLOCK_N=tile.n,
+        BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages)
     return out
 
 
-def sum_k(y: torch.Tensor, N: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """[N·k, H] fp32 rows in pair order → [N, H] in `dtype`, summing each token's k rows in order."""
+def sum_k(y: torch.Tensor, N: int, k: int, dtype: torch.dtype, dense_j: int = 0):
+    """[N·k, H] fp32 rows in pair order → [N, H] in `dtype`, summing each token's k rows in order. With dense_j > 0,
+    y has N·dense_j more rows (token-major) and the result is (moe [N, H], dense [N, H])."""
     H = y.shape[1]
     res = torch.empty(N, H, dtype=dtype, device=y.device)
+    dense = torch.empty(N, H, dtype=dtype, device=y.device) if dense_j else res
     block = min(1024, triton.next_power_of_2(H))
-    _sum_k_kernel[(N, triton.cdiv(H, block))](y, res, H=H, TOP_K=k, MODE=MODES[dtype], BLOCK=block,
-                                               num_warps=4 if y.is_cuda else 1)
-    return res
+    _sum_k_kernel[(N, triton.cdiv(H, block))](y, res, dense, N, H=H, TOP_K=k, DENSE_J=dense_j, MODE=MODES[dtype],
+                                               BLOCK=block, num_warps=4 if y.is_cuda else 1)
+    return (res, dense) if dense_j else res
 
 
 def reference_moe(x, weights, idx, gate_up, down) -> torch.Tensor:
@@ -305,3 +377,11 @@ def reference_moe(x, weights, idx, gate_up, down) -> torch.Tensor:
             h = F.linear(F.gelu(gate, approximate="tanh") * up, down[e])
             y[pairs] = h * weights.reshape(-1)[pairs, None]
     return y.view(N, k, -1).sum(dim=1).to(x.dtype)
+
+
+def reference_dense(x, gate_up, down) -> torch.Tensor:
+    """The model's `gated_mlp` with the stacked weight: x [N, H], gate_up [2·Id, H] (gate rows first), down [H, Id]."""
+    import torch.nn.functional as F
+
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.gelu(gate, approximate="tanh") * up, down)

@@ -11,9 +11,10 @@ temperature: exactly `fast.scores` on `logits / temp`):
 Notable choices:
 - Pass 1 (grid rows × splits) streams a chunk of the row once with an online softmax: running max m,
   Z = Σ exp(x - m), S = Σ exp(x - m)(x - m) (so H = log Z - S / Z), the bf16 sum Zb, the argmax and the race
-  winner, and writes 6 floats + 2 ints per (row, split). Pass 2 combines the splits of its row (a few values),
-  writes sample/argmax/entropy once per row, and writes probs over its chunk. Splitting V keeps ~4 programs per SM
-  at batch 1 (256 rows) without a third launch.
+  winner, and writes 6 floats + 2 ints per (row, split). The sums and winners are kept per lane and reduced once
+  at the end of the chunk; only the max is shared by the lanes (one reduction per block, not five). Pass 2
+  combines the splits of its row (a few values), writes sample/argmax/entropy once per row, and writes probs over
+  its chunk. Splitting V keeps ~4 programs per SM at batch 1 (256 rows) without a third launch.
 - The race is compared in log space, argmax(x - log E): the same winner as argmax(p / E) without needing the final
   max and sum, so no rescaling. Rounding can only flip exact near-ties between the two forms.
 - Noise is Philox4x32-10 (`tl.philox`): key = seed[r // G] (G = R / len(seed)), counter = (column quad, r % G,
@@ -70,30 +71,41 @@ def _tile_noise(key, lane_in_row, sub_row, off_lo, off_hi):
 
 @triton.jit
 def _update(st, x, e, cols, ROUND: tl.constexpr):
-    """Fold one block of scores x (with race noise e) into the running state of a chunk."""
+    """Fold one block of scores x (with race noise e) into the running state of a chunk. The state is per lane
+    (vectors over the block's lanes) except the max m, which the lanes share: one reduction per block, the sums and
+    winners are reduced across lanes once, in `_reduce_lanes`."""
     m, z, s, zb, best, best_i, top, top_i = st
-    bmax, bidx = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
-    m_new = tl.maximum(m, bmax)
+    m_new = tl.maximum(m, tl.max(x, 0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet: keep exp() away from nan
     alpha = tl.exp(m - m_ref)
     p = tl.exp(x - m_ref)
     d = tl.where(p > 0, x - m_ref, 0.0)  # x = -inf contributes nothing to S (Categorical clamps logp)
-    s = alpha * (s + tl.where(z > 0, m - m_ref, 0.0) * z) + tl.sum(p * d, 0)
-    z = alpha * z + tl.sum(p, 0)
+    s = alpha * (s + tl.where(z > 0, m - m_ref, 0.0) * z) + p * d
+    z = alpha * z + p
     if ROUND != 0:  # Zb is relative to round(m): exp(xb - mb) then matches softmax(x.to(bf16)) term by term
         mb_old = round_to(tl.where(m == float("-inf"), 0.0, m), ROUND)
         mb_new = round_to(m_ref, ROUND)
-        zb = tl.where(zb > 0, zb * tl.exp(mb_old - mb_new), 0.0) + tl.sum(tl.exp(round_to(x, ROUND) - mb_new), 0)
+        zb = tl.where(zb > 0, zb * tl.exp(mb_old - mb_new), 0.0) + tl.exp(round_to(x, ROUND) - mb_new)
     key = x - tl.log(e)
-    kmax, kidx = tl.max(key, 0, return_indices=True, return_indices_tie_break_left=True)
-    base = tl.min(cols, 0)
-    take = kmax > best
-    best = tl.where(take, kmax, best)
-    best_i = tl.where(take, base + kidx, best_i)
-    take = bmax > top
-    top = tl.where(take, bmax, top)
-    top_i = tl.where(take, base + bidx, top_i)
+    take = key > best  # strict: a lane meets its columns in increasing order, so it keeps the first of a tie
+    best = tl.where(take, key, best)
+    best_i = tl.where(take, cols, best_i)
+    take = x > top
+    top = tl.where(take, x, top)
+    top_i = tl.where(take, cols, top_i)
     return m_new, z, s, zb, best, best_i, top, top_i
+
+
+@triton.jit
+def _reduce_lanes(st):
+    """The per-lane state of a chunk → (m, Z, S, Zb, race best, its column, max, its column); ties → first column."""
+    m, z, s, zb, best, best_i, top, top_i = st
+    big = 2147483647
+    b = tl.max(best, 0)
+    bi = tl.min(tl.where(best == b, best_i, big), 0)
+    t = tl.max(top, 0)
+    ti = tl.min(tl.where(top == t, top_i, big), 0)
+    return m, tl.sum(z, 0), tl.sum(s, 0), tl.sum(zb, 0), b, bi, t, ti
 
 
 # --- kernels ----------------------------------------------------------------------------------------------------
@@ -112,10 +124,10 @@ def _stats_kernel(x_ptr, stride_x, temp_ptr, temp_stride, temp_group, cap, seed_
         off = tl.load(offset_ptr + (row // group) * off_stride).to(tl.int64).to(tl.uint64)
         off_lo, off_hi = (off & 0xFFFFFFFF).to(tl.uint32), (off >> 32).to(tl.uint32)
         sub_row = (row % group).to(tl.uint32)
-    ninf = tl.full([], float("-inf"), tl.float32)
-    zero = tl.zeros([], tl.float32)
-    st = (ninf, zero, zero, zero, ninf, tl.zeros([], tl.int32), ninf, tl.zeros([], tl.int32))
     lanes = tl.arange(0, Q)
+    ninf = tl.full([Q], float("-inf"), tl.float32)
+    zero = tl.zeros([Q], tl.float32)
+    st = (tl.full([], float("-inf"), tl.float32), zero, zero, zero, ninf, lanes, ninf, lanes)
     start = split * chunk
     for i in range(0, N_TILES):  # tiles past V are masked (only in the last split)
         t = start + i * 4 * Q
@@ -132,7 +144,7 @@ def _stats_kernel(x_ptr, stride_x, temp_ptr, temp_stride, temp_group, cap, seed_
         st = _update(st, _scores(x_row, c1, V, temp, cap, SOFTCAP, HAS_TEMP), e1, c1, ROUND)
         st = _update(st, _scores(x_row, c2, V, temp, cap, SOFTCAP, HAS_TEMP), e2, c2, ROUND)
         st = _update(st, _scores(x_row, c3, V, temp, cap, SOFTCAP, HAS_TEMP), e3, c3, ROUND)
-    m, z, s, zb, best, best_i, top, top_i = st
+    m, z, s, zb, best, best_i, top, top_i = _reduce_lanes(st)
     wf = wf_ptr + (row * n_split + split) * 6
     tl.store(wf + 0, m)
     tl.store(wf + 1, z)
