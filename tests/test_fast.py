@@ -1,5 +1,6 @@
 """The static-shape fast path (engine/fast.py) against the reference path, on CPU (the CUDA-graph replay itself is
-covered in tests/test_gpu.py)."""
+covered in tests/test_gpu.py), and the scheduler's `BatchStepper` on the fused sampler's path, forced on the CPU:
+each row steps as `StaticStepper` steps it alone."""
 
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import torch
 from dgemma import LLM, SamplingParams
 from dgemma.config import DiffusionParams
 from dgemma.engine.cache import KVCache
-from dgemma.engine.fast import StaticStepper
+from dgemma.engine.fast import BatchStepper, RowSpec, StaticStepper, scores
 from dgemma.engine.generate import ReferenceStepper, generate
 
 
@@ -324,3 +325,123 @@ def test_generate_folds_every_commit_into_the_next_step(tiny_ckpt, monkeypatch):
         assert [o.token_ids for o in out.outputs] == [o.token_ids for o in ref.outputs]
         assert sorted(o.finish_reason for o in out.outputs) == ["length", "stop"] and out.stats.canvases == 5
         assert calls == {"denoise_folded_static": out.stats.canvases - 1, "encode_static": 0}
+
+
+# --- the fused sampler's path (CUDA, bf16/fp16) forced on the CPU -------------------------------------------------
+def torch_fused_sample(logits, temperature=None, seed=None, offset=None, *, softcap=0.0, probs_dtype=torch.bfloat16):
+    """`kernels.sampler.fused_sample`'s contract in torch, fast on the CPU (the kernel itself is tested in
+    test_kernels.py): rows r*R/S.. share key seed[r] and offset[r] (or the one offset), and the Exp(1) race noise
+    depends only on (key, offset, row within its group, column), as the kernel's Philox noise does."""
+    R, V = logits.shape
+    offsets = offset.reshape(-1).expand(seed.numel()).tolist()
+    noise = torch.cat([torch.empty(R // seed.numel(), V).exponential_(generator=torch.Generator().manual_seed(
+        (k * 0x9E3779B97F4A7C15 + o) % 2**63)) for k, o in zip(seed.tolist(), offsets)])
+    x = logits.float()
+    if softcap:
+        x = torch.tanh(x / softcap) * softcap
+    if temperature is not None:
+        x = x / temperature.reshape(-1).repeat_interleave(R // temperature.numel())[:, None]
+    sample, amax, h, probs = scores(x, noise, probs_dtype)
+    return sample, amax, h, probs.to(probs_dtype)
+
+
+def force_fused(monkeypatch, sampler) -> list[int]:
+    """Make both steppers take the fused sampler's path with `sampler`; returns a list that counts its calls."""
+    calls = []
+
+    def counted(*a, **kw):
+        calls.append(a[0].shape[0])
+        return sampler(*a, **kw)
+    monkeypatch.setattr("dgemma.engine.fast.fused_sampler", lambda device, dtype: counted)
+    return calls
+
+
+class RawTableModel(TableModel):
+    """TableModel for the fused sampler: `raw` logits come before the softcap (the sampler applies it), and the
+    self-conditioning feeds back. Row-wise sums instead of matmuls, so a row's result does not depend on how many
+    rows a call holds."""
+
+    def __init__(self, vocab=40, canvas=4, hidden=4):
+        super().__init__(vocab, canvas, hidden)
+        self.args.final_logit_softcapping = 30.0
+        self.proj = torch.randn(hidden, vocab, generator=torch.Generator().manual_seed(1))
+        self.soft_calls = 0
+
+    def denoise_static(self, canvas, dpos, cache, soft, raw=False):
+        x = 40 * self.table[canvas] + self.by_position[None] + (soft.float()[..., None] * self.proj).sum(-2)
+        return x if raw else torch.tanh(x / 30.0) * 30.0
+
+    def soft_from_probs(self, probs, dtype):
+        self.soft_calls += 1
+        return (probs.float()[..., None] * self.embed_tokens.weight.detach()).sum(-2).to(dtype)  # [B, C, hidden]
+
+
+def batch_stepper(model, max_batch: int) -> BatchStepper:
+    C = model.args.canvas_length
+    return BatchStepper(model, SimpleNamespace(batch=max_batch, scratch=C, view=lambda rows: None), max_batch)
+
+
+ROWS = [  # (seed, knobs): the rows of one batch, each with its own stream and knobs
+    (11, DiffusionParams(max_denoising_steps=6, t_min=0.2, t_max=1.5, entropy_bound=1.0, stability_threshold=0)),
+    (12, DiffusionParams(max_denoising_steps=9, t_min=0.5, t_max=0.9, entropy_bound=0.3, confidence_threshold=0.5)),
+    (13, DiffusionParams(max_denoising_steps=5, t_min=1.0, t_max=3.0, entropy_bound=2.0, stability_threshold=2)),
+]
+
+
+def test_batch_stepper_fused_rows_step_as_generate_alone(monkeypatch):
+    """The fused sampler (the Triton kernel, in the interpreter) over a batch: three rows with their own seeds,
+    temperatures, bounds and step counts in a bucket of 4 (row 3 is frozen padding) take, step by step, exactly the
+    decisions and draws of each row alone in `StaticStepper` (generate's step) from a generator seeded alike. One
+    sampler call and one soft-embedding GEMM per step; a row frozen mid-canvas keeps its state and draws nothing."""
+    pytest.importorskip("triton")
+    from dgemma.kernels.sampler import fused_sample
+
+    calls = force_fused(monkeypatch, fused_sample)
+    model, steps, frozen_at = RawTableModel(), 4, 2
+    C = model.args.canvas_length
+    stepper = batch_stepper(model, 4)
+    gens = [torch.Generator().manual_seed(seed) for seed, _ in ROWS]
+    assert stepper.start_canvas([RowSpec(10 * r, p, g, 0) for r, ((_, p), g) in enumerate(zip(ROWS, gens))]) == 4
+    batched = []
+    for i in range(steps):
+        if i == frozen_at:
+            stepper.freeze(1)
+            state = gens[1].get_state(), stepper.canvas[1].clone(), stepper.argmax[1].clone(), stepper.soft[1].clone()
+        model.soft_calls = 0
+        argmax, accepted, done = stepper.step(4)
+        assert len(calls) == i + 1 and calls[-1] == 4 * C and model.soft_calls == 1
+        batched.append((argmax.clone(), accepted.clone(), done.clone(), stepper.canvas[:4].clone()))
+    assert torch.equal(gens[1].get_state(), state[0])
+    assert all(torch.equal(a, b) for a, b in zip(state[1:], (stepper.canvas[1], stepper.argmax[1], stepper.soft[1])))
+    assert not stepper.canvas[3].any() and not stepper.argmax[3].any() and bool(done[3])
+    for r, (seed, params) in enumerate(ROWS):
+        gen = torch.Generator().manual_seed(seed)
+        alone = StaticStepper(model, SimpleNamespace(batch=1, scratch=C), params, 1, gen)
+        alone.start_canvas(torch.arange(10 * r, 10 * r + C)[None])
+        for i in range(frozen_at if r == 1 else steps):
+            argmax, accepted, done = alone.step(params.max_denoising_steps - i)
+            got = [t[r] for t in batched[i]]
+            for a, b in zip((argmax[0], accepted[0], done[0], alone.canvas[0]), got):
+                assert torch.equal(a, b), (r, i)
+    assert len({tuple(b[0][r].tolist()) for b in batched for r in range(3)}) > 6  # the drafts do move
+
+
+def test_batch_stepper_fused_draws_do_not_depend_on_the_row_or_the_batch(monkeypatch):
+    """The same three requests in other rows, next to two more, in a bigger bucket (fused sampler, torch stand-in):
+    every request's drafts, accept masks, stops and canvases are unchanged."""
+    force_fused(monkeypatch, torch_fused_sample)
+    model, steps = RawTableModel(), 5
+    mates = [(98, DiffusionParams(t_min=0.0, t_max=0.1)), (99, DiffusionParams(max_denoising_steps=2))]
+    runs = []
+    for order, extra, bucket in (([0, 1, 2], [], 4), ([2, 0, 1], mates, 8)):
+        rows = [ROWS[i] for i in order] + extra
+        stepper = batch_stepper(model, 8)
+        nb = stepper.start_canvas([RowSpec(0, p, torch.Generator().manual_seed(seed), 0) for seed, p in rows])
+        assert nb == bucket
+        trace = []
+        for _ in range(steps):
+            trace.append([t.clone() for t in (*stepper.step(nb), stepper.canvas[:nb])])
+        runs.append({i: [[t[r] for t in step] for step in trace] for r, i in enumerate(order)})
+    for i in range(3):
+        for a, b in zip(runs[0][i], runs[1][i]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), i

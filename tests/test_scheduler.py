@@ -1,6 +1,7 @@
 """The continuous-batching scheduler (engine/scheduler.py) on CPU: a seeded request gives the tokens of `generate`
-at batch 1 whatever shares its batch, queueing, cancellation, prefix reuse, validation, metrics, engine errors.
-GPU-marked tests (CUDA graphs per batch bucket) run on an H100/H200 and are skipped here."""
+at batch 1 whatever shares its batch (on the torch sampler's path, and on the fused sampler's path forced with a
+torch stand-in), queueing, cancellation, prefix reuse, validation, metrics, engine errors. GPU-marked tests (CUDA
+graphs per batch bucket, the Triton sampler) run on an H100/H200 and are skipped here."""
 
 import contextlib
 import dataclasses
@@ -121,6 +122,36 @@ def test_seeded_requests_in_a_mixed_batch_equal_generate_alone(which, request):
         assert len({tuple(e.usage["steps_per_canvas"]) for e in ended.values()}) > 1  # rows stopped apart
 
 
+def test_fused_sampler_requests_equal_generate_alone(tiny_a, monkeypatch):
+    """The fused sampler's path (CUDA bf16/fp16; forced here in both steppers with its torch stand-in): five
+    requests, one queued until a row frees, each give exactly the tokens and steps of batch-1 `generate` on the
+    static path seeded alike (the same draws: canvas, Philox key and replacement tokens from the request's
+    generator, race noise keyed by the row's key and step), whatever their batch mates, rows and buckets."""
+    from test_fast import force_fused, torch_fused_sample
+
+    calls = force_fused(monkeypatch, torch_fused_sample)
+    d = tiny_a.defaults
+    jobs = list(zip(prompts_for(tiny_a, (13, 5, 20, 9, 7), seed=11), [
+        knobs(d, seed=1),
+        knobs(d, seed=2, max_new_tokens=20, max_denoising_steps=5, t_min=0.2, t_max=0.9),
+        knobs(d, seed=3, entropy_bound=0.05, stability_threshold=2, confidence_threshold=1.0),
+        knobs(d, seed=4, max_new_tokens=57, stability_threshold=0, max_denoising_steps=12, t_min=0.0),
+        knobs(d, seed=5, max_new_tokens=30, t_min=0.5, t_max=1.5),
+    ]))
+    sched = Scheduler(tiny_a.model, d, max_batch=4, max_model_len=128)
+    assert sched.stepper.fused_sample is not None
+    with running(sched):
+        ended, _ = run(sched, jobs)
+    assert calls and all(rows % tiny_a.args.canvas_length == 0 for rows in calls)
+    for (prompt, params), fin in zip(jobs, ended.values()):
+        out = list(generate(tiny_a.model, [prompt], params, generator=torch.Generator().manual_seed(params.seed),
+                            drafts=False, fast=True))[-1].outputs[0]
+        assert isinstance(fin, Finished)
+        assert (fin.token_ids, fin.usage["steps_per_canvas"], fin.finish_reason) == (
+            out.token_ids, out.stats.steps_per_canvas, out.finish_reason)
+    assert fin.usage["queue_s"] > 0 and len({tuple(f.usage["steps_per_canvas"]) for f in ended.values()}) > 1
+
+
 def test_more_requests_than_rows_queue_and_all_complete(tiny_a):
     d = tiny_a.defaults
     jobs = [(p, knobs(d, seed=10 + i, max_new_tokens=16 * (1 + i % 3), max_denoising_steps=3 + i))
@@ -232,11 +263,11 @@ def test_metrics_observers_and_engine_errors(tiny_a):
                       on_step=lambda s, n: steps.append(n), on_canvas=lambda s, n: canvases.append(n))
     real_step, calls = sched.stepper.step, []
 
-    def flaky(nb):
+    def flaky(nb, live=None):
         calls.append(nb)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return real_step(nb)
+        return real_step(nb, live)
 
     sched.stepper.step = flaky
     p = prompts_for(tiny_a, (6, 8), seed=5)
@@ -305,3 +336,36 @@ def test_cuda_eager_scheduler_matches_generate():
             assert fin.token_ids == out.outputs[0].token_ids
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_cuda_fused_sampler_is_batch_invariant_and_alone_equals_generate(tiny_ckpt):
+    """bf16 on a small random model, CUDA graphs and the Triton sampler (one call and one soft GEMM for all rows): a
+    request's tokens do not depend on its batch mates or its row within one bucket (no EOS, so every canvas runs in
+    bucket 4); served alone, a one-canvas request with a cache as long as `generate`'s gets `generate`'s tokens and
+    steps (the same draws over bitwise the same logits: no commit for `generate` to fold)."""
+    from dgemma.engine import fast
+
+    llm = LLM(tiny_ckpt("a"), device="cuda", dtype="bfloat16")
+    d, C = llm.defaults, llm.args.canvas_length
+    sched = Scheduler(llm.model, d, max_batch=4, max_model_len=8 * C, prefix_cache=False)
+    assert sched.stepper.use_graph and sched.stepper.fused_sample is fast.SAMPLER["fused_sample"] is not None
+    ps = prompts_for(llm, (13, 5, 20, 9, 30, 3), seed=9)
+    jobs = [(p, knobs(d, seed=50 + i, max_new_tokens=3 * C, max_denoising_steps=5 + i, t_min=0.1 * i,
+                      t_max=0.5 + 0.1 * i, confidence_threshold=1e-9 if i % 2 else 0.3, eos_token_ids=()))
+            for i, p in enumerate(ps)]
+    with running(sched):
+        first, _ = run(sched, jobs[:3])  # jobs[0] in row 0, next to a frozen padding row
+        second, _ = run(sched, jobs[3:] + jobs[:1])  # jobs[0] in row 3, other mates
+    a, b = list(first.values())[0], list(second.values())[-1]
+    assert a.usage["canvases"] == 3
+    assert (a.token_ids, a.usage["steps_per_canvas"]) == (b.token_ids, b.usage["steps_per_canvas"])
+
+    prompts = prompts_for(llm, (11, 11, 11), seed=10)
+    alone = Scheduler(llm.model, d, max_batch=1, max_model_len=11 + C, prefix_cache=False)  # generate's cache
+    with running(alone):
+        for i, prompt in enumerate(prompts):
+            params = knobs(d, seed=60 + i, max_new_tokens=C, max_denoising_steps=6 + 2 * i, t_min=0.1 * i)
+            fin = one(alone, prompt, params)
+            out = list(generate(llm.model, [prompt], params, fast=True, drafts=False))[-1].outputs[0]
+            assert (fin.token_ids, fin.usage["steps_per_canvas"]) == (out.token_ids, out.stats.steps_per_canvas)

@@ -24,10 +24,20 @@ cache, each row at its own positions with its own knobs (steps, temperatures, en
 device tensors so one graph per batch size serves every mix) and its own random stream. Graphs are captured once
 per batch bucket (1, 2, 4, ... <= max_batch) over row views of the shared buffers; rows beyond the busy ones are
 frozen (done) padding whose cache is never written (the commit pass writes only the rows it is told to).
-Random streams: eager, each row draws from its request's generator and a frozen row draws nothing, so a request's
-draws are exactly those of `generate` at batch 1. In a CUDA graph every row draws every step (the draws are
-captured), from a per-row generator registered with the graphs and reseeded at each canvas start from the
-request's seed and the canvas index: a row's draws then depend only on its own steps, not on its batch mates.
+Sampling and random streams, by path (each row's draws depend only on its own request, never on its batch mates,
+its row or the bucket):
+- The fused sampler (`fused_sampler`: CUDA, bf16/fp16, Triton), graph or eager: one `fused_sample` call over all
+  rows (per-row temperature, Philox key `row_seed` and step counter `noise_step`) and one soft-embedding GEMM. Each
+  row's generator is its request's: at the canvas start it draws the canvas and the row's Philox key, and before
+  each step the row denoises (host side, between replays; not while frozen) its replacement tokens. These are the
+  draws of `StaticStepper` (`generate`) at batch 1 from a generator seeded alike, call for call, so a request alone
+  has `generate`'s random stream; its tokens are `generate`'s wherever the logits are bitwise equal (`generate`
+  folds each commit into the next step and sizes its cache to the request; bucket sizes change the GEMM shapes).
+- The torch sampler eagerly (the CPU, fp32 on CUDA, `fast=False`): one row at a time, each from its request's
+  generator, a frozen row drawing nothing, so a request's draws are exactly those of `generate` at batch 1.
+- The torch sampler in a CUDA graph (DGEMMA_TRITON=0): every row draws every step (the draws are captured), from a
+  per-row generator registered with the graphs and reseeded at each canvas start from the request's seed and the
+  canvas index: batch-independent, but not `generate`'s stream.
 """
 
 from __future__ import annotations
@@ -53,6 +63,14 @@ def scores(processed: torch.Tensor, race: torch.Tensor, sc_dtype: torch.dtype):
 # "scores": the torch sampler passes (torch.compile'd with DGEMMA_COMPILE); "fused_sample": the Triton sampler
 # (kernels/sampler.py) that `configure_cuda_kernels` installs on CUDA, None elsewhere.
 SAMPLER = {"scores": scores, "fused_sample": None}
+
+
+def fused_sampler(device: torch.device, dtype: torch.dtype):
+    """The Triton sampler where both steppers use it: on CUDA in bf16/fp16, once `configure_cuda_kernels` installed
+    it; else None (the exponential race in torch on the generator's draws, as the reference step; fp32 on CUDA
+    included). Tests patch this function to force the fused path on the CPU."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return SAMPLER["fused_sample"] if device.type == "cuda" and half else None
 
 
 def capture_graph(fn, pool=None, generators=()) -> torch.cuda.CUDAGraph:
@@ -139,8 +157,7 @@ class StaticStepper:
         # On CUDA with Triton, in bf16/fp16, the sampler is one fused kernel with Philox noise keyed by a per-row seed
         # (drawn from the generator at each canvas start) and a step counter. Elsewhere, fp32 on CUDA included, the
         # exponential race in torch draws from the generator, as the reference and the scheduler's eager rows do.
-        half = dtype in (torch.bfloat16, torch.float16)
-        self.fused_sample = SAMPLER["fused_sample"] if dev.type == "cuda" and half else None
+        self.fused_sample = fused_sampler(dev, dtype)
         self.noise_seed = torch.zeros(B, dtype=torch.int64, device=dev)
         self.noise_step = torch.zeros(1, dtype=torch.int64, device=dev)
         if use_graph is None:  # fp32 attention takes sdpa's math path, which copies a host scalar: not capturable
@@ -258,8 +275,8 @@ class RowSpec:
 
     start: int  # position of the canvas's first token (= positions cached in the row)
     params: DiffusionParams  # the request's knobs
-    generator: torch.Generator | None  # the request's own random stream (eager mode)
-    canvas_seed: int  # graph mode: the row's generator is reseeded with this at the canvas start
+    generator: torch.Generator | None  # the request's own random stream (eager, and the fused sampler)
+    canvas_seed: int  # graph mode with the torch sampler: the row's generator is reseeded with this
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -303,11 +320,19 @@ class BatchStepper:
         self.views = {n: cache.view(slice(0, n)) for n in self.buckets}
         configure_cuda_kernels(dev)
         fuse_for_cuda(model, dev)
+        # The fused sampler's per-row state: Philox key (drawn at the canvas start), the row's own step count (the
+        # Philox offset), and the replacement tokens of the coming step (drawn on the host side before it).
+        self.fused_sample = fused_sampler(dev, dtype)
+        self.row_seed = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.noise_step = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.renoise = torch.zeros(B, C, dtype=torch.long, device=dev)
         if use_graph is None:  # as StaticStepper: fp32 sdpa's math path is not capturable
             use_graph = dev.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         self.use_graph = use_graph
         self.gens: list[torch.Generator | None] = [None] * B  # the generator each row draws from this canvas
-        self.row_gens = [torch.Generator(device=dev) for _ in range(B)] if use_graph else []
+        # Only the torch sampler draws inside the graph: from per-row generators registered with it.
+        captured_draws = use_graph and self.fused_sample is None
+        self.row_gens = [torch.Generator(device=dev) for _ in range(B)] if captured_draws else []
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.commit_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if use_graph:
@@ -324,13 +349,15 @@ class BatchStepper:
         nb = self.bucket(n)
         for r, spec in enumerate(specs):
             gen = spec.generator
-            if self.use_graph:  # the captured draws read this row's generator
+            if self.row_gens:  # the captured draws read this row's generator
                 gen = self.row_gens[r]
                 gen.manual_seed(spec.canvas_seed)
             self.gens[r] = gen
             self.canvas[r].copy_(torch.randint(0, self.vocab, (1, C), device=dev, generator=gen)[0])
+            if self.fused_sample is not None:  # then the Philox key, as StaticStepper.start_canvas at batch 1
+                self.row_seed[r:r + 1].copy_(torch.randint(0, 2**62, (1,), device=dev, generator=gen))
         for r in range(n, nb):
-            self.gens[r] = self.row_gens[r] if self.use_graph else None
+            self.gens[r] = self.row_gens[r] if self.row_gens else None
         pad = specs[0].params if specs else None
         ps = [s.params for s in specs] + [pad] * (nb - n)
         rows = slice(0, nb)
@@ -348,14 +375,23 @@ class BatchStepper:
         self.argmax[rows].copy_(self.canvas[rows])
         self.soft[rows].zero_()
         self.history[:, rows].fill_(-1)
+        self.noise_step[rows].zero_()
         return nb
 
     def freeze(self, row: int) -> None:
         """Stop denoising one row now (a cancelled request); its canvas is left as it is."""
         self.done[row] = True
 
-    def step(self, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One denoising step of rows 0..nb-1 → (argmax canvas [nb, C], accepted [nb, C], done [nb]) views."""
+    def step(self, nb: int, live: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One denoising step of rows 0..nb-1 → (argmax canvas [nb, C], accepted [nb, C], done [nb]) views.
+        live: per row, still denoising as of the caller's last sync of `done` (rows past its end: no); None reads
+        `done` here (a host sync). The fused sampler's live rows draw their replacement tokens now."""
+        if self.fused_sample is not None:
+            if live is None:
+                live = (~self.done[:nb]).tolist()
+            for r, alive in enumerate(live[:nb]):
+                if alive:  # as StaticStepper's per-step randint at batch 1: one [C] draw from the row's stream
+                    self.renoise[r].random_(0, self.vocab, generator=self.gens[r])
         if nb in self.graphs:
             self.graphs[nb].replay()
         else:
@@ -385,40 +421,60 @@ class BatchStepper:
 
     @torch.inference_mode()
     def _step(self, nb: int) -> None:
-        model, C = self.model, self.canvas.shape[1]
         canvas, argmax, soft, done = self.canvas[:nb], self.argmax[:nb], self.soft[:nb], self.done[:nb]
-        logits = model.denoise_static(canvas, self.dpos[:nb], self.views[nb], soft)  # [nb, C, V] fp32
+        fused = self.fused_sample is not None  # it applies the softcap to the raw LM-head output itself
+        logits = self.model.denoise_static(canvas, self.dpos[:nb], self.views[nb], soft, fused)  # [nb, C, V]
         temp = self.t_min[:nb] + self.t_span[:nb] * (self.cur[:nb] / self.steps[:nb])  # as S.temperature, per row
-        # Eager: frozen rows draw nothing (a request's stream is the one it would have alone). Graph: all draw.
-        frozen = [False] * nb if self.use_graph else done.tolist()
-        sampled, new_argmax, accepted, new_soft, confident, noise = [], [], [], [], [], []
-        for r in range(nb):  # one row at a time: its own generator, bounded [1, C, V] temporaries
+        sample = self._sample_fused if fused else self._sample_rows
+        sampled, new_argmax, accepted, confident, new_soft, noise = sample(logits, temp)
+        new_canvas = torch.where(accepted, sampled, noise)
+        keep = done[:, None]
+        new_argmax = torch.where(keep, argmax, new_argmax)
+        stop = S.stable_rows(self.history[:, :nb], new_argmax, self.stability[:nb]) & confident
+        last = self.cur[:nb] <= 1  # the row ran its max_denoising_steps
+        canvas.copy_(torch.where(keep, canvas, new_canvas))
+        argmax.copy_(new_argmax)
+        soft.copy_(torch.where(keep[..., None], soft, new_soft))
+        self.accepted[:nb].copy_(accepted)
+        done.copy_(done | stop | last)
+        self.cur[:nb].copy_(torch.clamp(self.cur[:nb] - 1, min=1))
+
+    def _sample_fused(self, raw: torch.Tensor, temp: torch.Tensor):
+        """The Triton sampler over every row in one call, then one soft-embedding GEMM. A row's race noise is keyed
+        by its own seed and step count, so it does not depend on its batch mates (frozen rows draw too; their
+        results are discarded). → sampled, argmax, accepted, confident, soft, replacement tokens."""
+        nb, C, V = raw.shape
+        sample, amax, h, probs = self.fused_sample(raw.view(nb * C, V), temp, self.row_seed[:nb],
+                                                   self.noise_step[:nb], probs_dtype=self.soft.dtype,
+                                                   softcap=self.model.args.final_logit_softcapping or 0.0)
+        self.noise_step[:nb].add_(1)  # captured: every replay draws fresh Philox noise
+        h = h.view(nb, C)
+        soft = self.model.soft_from_probs(probs.view(nb, C, V), self.soft.dtype)  # probs in the model dtype
+        return (sample.view(nb, C), amax.view(nb, C), S.accept_mask(h, self.bound[:nb, None]),
+                h.mean(dim=-1) < self.confidence[:nb], soft, self.renoise[:nb])
+
+    def _sample_rows(self, logits: torch.Tensor, temp: torch.Tensor):
+        """The torch sampler one row at a time: its own generator, bounded [1, C, V] fp32 temporaries. Eagerly a
+        frozen row draws nothing (a request's stream is the one it would have alone); in a graph every row draws."""
+        nb, C = logits.shape[:2]
+        frozen = [False] * nb if self.use_graph else self.done[:nb].tolist()
+        sampled, new_argmax, accepted, confident, new_soft, noise = [], [], [], [], [], []
+        for r in range(nb):
             processed = logits[r:r + 1] / temp[r]
             race = torch.empty_like(processed)
             if frozen[r]:
                 race.fill_(1.0)
             else:
                 race.exponential_(generator=self.gens[r])
-            sample, amax, h, probs = SAMPLER["scores"](processed, race, soft.dtype)
+            sample, amax, h, probs = SAMPLER["scores"](processed, race, self.soft.dtype)
             sampled.append(sample)
             new_argmax.append(amax)
             accepted.append(S.accept_mask(h, self.bound[r]))
             confident.append(h.mean(dim=-1) < self.confidence[r])
-            new_soft.append(model.soft_from_probs(probs, soft.dtype))
-            noise.append(canvas[r:r + 1] if frozen[r] else
+            new_soft.append(self.model.soft_from_probs(probs, self.soft.dtype))
+            noise.append(self.canvas[r:r + 1] if frozen[r] else
                          torch.randint(0, self.vocab, (1, C), device=self.device, generator=self.gens[r]))
-        accepted_t = torch.cat(accepted)
-        new_canvas = torch.where(accepted_t, torch.cat(sampled), torch.cat(noise))
-        keep = done[:, None]
-        new_argmax_t = torch.where(keep, argmax, torch.cat(new_argmax))
-        stop = S.stable_rows(self.history[:, :nb], new_argmax_t, self.stability[:nb]) & torch.cat(confident)
-        last = self.cur[:nb] <= 1  # the row ran its max_denoising_steps
-        canvas.copy_(torch.where(keep, canvas, new_canvas))
-        argmax.copy_(new_argmax_t)
-        soft.copy_(torch.where(keep[..., None], soft, torch.cat(new_soft)))
-        self.accepted[:nb].copy_(accepted_t)
-        done.copy_(done | stop | last)
-        self.cur[:nb].copy_(torch.clamp(self.cur[:nb] - 1, min=1))
+        return tuple(torch.cat(t) for t in (sampled, new_argmax, accepted, confident, new_soft, noise))
 
     def _capture(self) -> None:
         """CUDA only: capture one step and one commit graph per bucket (before any request: the warm-up runs touch
@@ -428,8 +484,8 @@ class BatchStepper:
         pool = None
         for nb in self.buckets:
             gens = self.row_gens[:nb]
-            for r in range(nb):
-                self.gens[r] = self.row_gens[r]
+            for r, gen in enumerate(gens):
+                self.gens[r] = gen
             self.graphs[nb] = capture_graph(lambda nb=nb: self._step(nb), pool, gens)
             pool = pool or self.graphs[nb].pool()
             self.commit_graphs[nb] = capture_graph(lambda nb=nb: self._commit(nb), pool)

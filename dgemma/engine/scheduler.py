@@ -16,10 +16,15 @@ Notable choices:
   its own positions. Busy rows are kept in rows 0..n-1 (a leaving row is swapped to the back), so the step runs on
   a prefix of the cache and a graph captured per batch bucket (1, 2, 4, ...) serves every mix of requests.
 - The step is `fast.BatchStepper`: CUDA graphs on CUDA in bf16/fp16 (`fast=None`), the same code eagerly otherwise.
-  Eagerly each request draws from its own generator seeded with its seed, and rows draw only while they denoise, so
-  on CPU a seeded request produces the tokens of `generate(model, [ids], params, generator=Generator().manual_seed
-  (seed))` at batch 1 whatever else is in the batch. Under CUDA graphs each row's generator is reseeded per canvas
-  from (seed, canvas index): still independent of the batch, but not the stream of `generate`.
+  A request's random draws never depend on what else is in the batch. On CPU (and fp32 on CUDA) it draws from its
+  own generator seeded with its seed, only while it denoises, and produces the tokens of `generate(model, [ids],
+  params, generator=Generator().manual_seed(seed))` at batch 1 whatever else is in the batch. On CUDA in bf16/fp16
+  with the Triton sampler it draws from that generator exactly what that `generate` draws (canvas, Philox key,
+  replacement tokens; the step passes the rows still denoising), so its tokens are `generate`'s as long as the
+  logits round alike (not guaranteed: `generate` folds each commit into the next step and sizes its cache to the
+  request, and other buckets run other GEMM shapes); next to other batch mates in the same bucket they are the same.
+  With DGEMMA_TRITON=0 the captured torch draws come from per-row generators reseeded per canvas from (seed, canvas
+  index): independent of the batch, but not `generate`'s stream.
 - Prefix reuse: a finished row keeps its cache (its prompt and every canvas that was encoded). A new request takes
   the free row sharing the longest prefix with its prompt and encodes only the rest (`cached_prompt_tokens`). A
   sliding-window ring cannot be rolled back past positions it overwrote, so reuse happens only when exact
@@ -107,7 +112,8 @@ class _Request:
 
 
 def canvas_seed(seed: int, canvas: int) -> int:
-    """Per-canvas seed of a row's generator under CUDA graphs (a fixed mix of the request seed and the index)."""
+    """Per-canvas seed of a row's generator under CUDA graphs with the torch sampler (a fixed mix of the request
+    seed and the index)."""
     return (seed * 0x9E3779B97F4A7C15 + canvas * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
@@ -193,7 +199,7 @@ class Scheduler:
         prompt = self.validate(prompt_ids, params)
         rid = request_id if request_id is not None else uuid.uuid4().hex
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        gen = None if self.stepper.use_graph else torch.Generator(device=self.device).manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         req = _Request(rid, prompt, params, sink, drafts, seed, gen, time.perf_counter())
         with self._lock:
             if rid in self._ids:
@@ -350,7 +356,7 @@ class Scheduler:
         done = [q.cancelled for q in busy]
         while not all(done):
             ts = time.perf_counter()
-            argmax, _, done_t = self.stepper.step(nb)
+            argmax, _, done_t = self.stepper.step(nb, [not d for d in done])  # the rows that still draw
             before, done = done, done_t.tolist()[:n]  # the one host sync per step (the adaptive stop)
             drafts = [r for r, q in enumerate(busy) if q.drafts and not before[r] and not q.ended]
             rows = argmax[drafts].tolist() if drafts else []
