@@ -9,9 +9,9 @@ Two kinds of comparison:
   check of the kernels' math: each number measures one layer's error alone.
 - **end to end** (`step1`, `step2_selfcond`, `folded_first_step`, `cache_kv_min_layer_cosine`): whole passes. With
   random weights a 30-layer MoE is chaotic: a rounding-level difference flips some top-8 expert choices, and the
-  flips compound over the layers. `reference_other_gemm_rounding` measures that on the reference itself: the same
-  reference pass with cuBLAS's bf16 reduction setting flipped (`allow_bf16_reduced_precision_reduction`), i.e. the
-  same math rounded differently. End-to-end agreement can only be read against that baseline.
+  flips compound over the layers. `reference_other_attention_rounding` measures that on the reference itself: the
+  same reference pass with sdpa's math backend instead of its fused kernels (the same attention math rounded
+  another way). End-to-end agreement can only be read against that baseline.
 
 Both caches are prefilled by the reference ops before the fast path is configured. The issue asks cosine >= 0.999 in
 bf16. On a CPU (no Triton kernels, fp32) it compares the static path's plain ops with the reference.
@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -138,10 +139,8 @@ def check(shape: str, prompt_len: int, batch: int, device: str) -> dict:
         ref_cache, fast_cache = caches
         with LayerRecorder(model) as dec1:
             ref1 = model.denoise(canvases[0], pos1, ref_cache)
-        flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = not flag
-        ref1_alt = model.denoise(canvases[0], pos1, ref_cache)
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
+        with sdpa_kernel([SDPBackend.MATH]):  # the same attention math, rounded the unfused way
+            ref1_alt = model.denoise(canvases[0], pos1, ref_cache)
         ref2 = model.denoise(canvases[1], pos1, ref_cache, sc_logits=ref1)
         with LayerRecorder(model) as enc:
             model.encode(ids[:, L:], enc_pos, ref_cache)
@@ -162,7 +161,7 @@ def check(shape: str, prompt_len: int, batch: int, device: str) -> dict:
             "fused_layers": fused, "per_layer": layers,
             "step1": agreement(fast1, ref1), "step2_selfcond": agreement(fast2, ref2),
             "folded_first_step": agreement(fast3, ref3), "cache_kv_min_layer_cosine": kv_cosine(ref_cache, fast_cache),
-            "reference_other_gemm_rounding": agreement(ref1_alt, ref1)}
+            "reference_other_attention_rounding": agreement(ref1_alt, ref1)}
 
 
 def main(argv: list[str] | None = None) -> dict:
