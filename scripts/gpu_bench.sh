@@ -1,7 +1,9 @@
 #!/bin/bash
 # One device call: `dgemma bench` sweeps at the real shape (random weights), results and logs under $OUT.
-# BENCH_SETS picks what runs (space-separated): check compare sweep long eager ar
-# (check: scripts/gpu_fastpath_check.py, the fast path's logits against the reference ops at the real shape)
+# BENCH_SETS picks what runs (space-separated): check compare sweep long eager ar tests micro profile
+# (check: scripts/gpu_fastpath_check.py, the fast path's logits against the reference ops at the real shape;
+#  tests: the GPU-marked tests; micro: the kernel micro-benchmarks (sampler, projections, MoE, sliding attention);
+#  profile: where the batch-1 and batch-8 step's time goes)
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -16,5 +18,14 @@ for set in ${BENCH_SETS:-compare sweep long}; do
     long)     timeout 400 $B --batch 1 8 --prompt-len 4096 32768 --steps 16 --reps 3 2>&1 | tee $OUT/long.log ;;
     eager)    timeout 400 $B --batch 1 8 16 --prompt-len 512 --steps 16 --no-compile --no-triton 2>&1 | tee $OUT/eager.log ;;
     ar)       timeout 200 $B --batch 1 --prompt-len 512 --steps 16 --ar 2>&1 | tee $OUT/ar.log ;;
+    tests)    DGEMMA_COMPILE=0 timeout 300 python3 -m pytest -q -m gpu tests -k "not compiled_kernels" 2>&1 | tail -30 | tee $OUT/gpu_tests.txt ;;
+    micro)    timeout 100 python3 scripts/gpu_sampler_bench.py --out $OUT/sampler.json 2>&1 | tee $OUT/sampler.log
+              timeout 150 python3 scripts/gpu_linear_bench.py --rows 256 512 --out $OUT/linear.json 2>&1 | tee $OUT/linear.log
+              timeout 100 python3 scripts/gpu_moe_bench.py --dense --out $OUT/moe_dense.json 2>&1 | tee $OUT/moe_dense.log
+              timeout 150 python3 scripts/gpu_moe_bench.py --tokens 2048 --out $OUT/moe_tiles.json 2>&1 | tee $OUT/moe_tiles.log
+              timeout 100 python3 scripts/gpu_attention_bench.py --sweep-full --sliding-only --budget 80 \
+                --out $OUT/attn_sliding.json 2>&1 | tee $OUT/attn_sliding.log ;;
+    profile)  for b in 1 8; do timeout 150 python3 scripts/gpu_profile_step.py --batch $b --out $OUT/profile_b$b.txt \
+                2>&1 | grep -A9 "per step"; done ;;
   esac
 done
