@@ -98,8 +98,10 @@ def useful_tflops(q: torch.Tensor, pos: torch.Tensor, ms: float) -> float:
 
 def engine_config(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> Config:
     """The config `canvas_attention` launched without one (after its first call: the first tile that compiled)."""
-    tiles = attn.tile_candidates(q.shape[3])
-    tile = tiles[attn._TILE_FITS.get((q.device.index, q.shape[3], q.dtype), 0)]
+    B, H_, T_, D = q.shape
+    small = attn.small_grid(B, H_, k.shape[1], T_, D, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    tiles = attn.tile_candidates(D, small)
+    tile = tiles[attn._TILE_FITS.get((q.device.index, D, q.dtype, small), 0)]
     return attn.default_config(q, k.shape[1], pos.shape[1], SCRATCH, tile)
 
 

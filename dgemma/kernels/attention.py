@@ -96,10 +96,15 @@ class Config(NamedTuple):
 CUDA_TILES = {16: Tile(128, 64, 4, 3), 32: Tile(128, 64, 4, 3), 64: Tile(128, 64, 4, 3), 128: Tile(128, 64, 8, 3),
               256: Tile(128, 64, 8, 2, prefetch=True),
               512: Tile(128, 32, 8, 2, v_parts=2, prefetch=True, lazy_rescale=True)}
+# Batch 1 on a sliding layer fills a quarter of the GPU with 128-row programs (8 KV heads × 4 row blocks): 64-row
+# programs in 4 warps do the same work in twice as many programs, 0.025 vs 0.030 ms at a 512 prompt and equal at 32K,
+# but 0.236 vs 0.143 ms at batch 8 (benchmarks/results/session4/micro_23fd678/attn_sliding.log). They are used when
+# CUDA_TILES[D]'s programs (before splits) would fill at most half the SMs (`small_grid`).
+CUDA_SMALL_GRID_TILES = {256: Tile(64, 64, 4, 2, prefetch=True)}
 INTERPRET_SHAPE = dict(block_m=16, block_n=16, warps=1, stages=1)  # CPU tests, with CUDA_TILES[D]'s kernel variant
 # A split must carry ~8 key blocks of work to pay for writing and merging its fp32 partial output.
 BLOCKS_PER_SPLIT = 8
-_TILE_FITS: dict[tuple[int | None, int, torch.dtype], int] = {}  # (device, D, dtype) → tile_candidates index
+_TILE_FITS: dict[tuple, int] = {}  # (device, D, dtype, small grid) → tile_candidates index
 
 
 # --- device code ------------------------------------------------------------------------------------------------
@@ -280,11 +285,18 @@ def cache_lengths(pos: torch.Tensor) -> torch.Tensor:
     return (pos.amax(dim=1) + 1).to(torch.int32)
 
 
-def tile_candidates(D: int) -> list[Tile]:
-    """CUDA_TILES[D], then with fewer pipeline stages, then narrower key blocks, then half the rows (fp32 at D 512):
-    the launcher keeps the first that fits the GPU (Triton raises OutOfResources at the first launch when shared
-    memory runs out)."""
+def small_grid(B: int, H: int, n_kv: int, T: int, D: int, sms: int) -> bool:
+    """Whether CUDA_TILES[D]'s unsplit programs fill at most half of `sms` and D has a small-grid tile."""
     tile = CUDA_TILES[D]
+    programs = B * n_kv * triton.cdiv((H // n_kv) * T, tile.block_m) * tile.v_parts
+    return D in CUDA_SMALL_GRID_TILES and 2 * programs <= sms
+
+
+def tile_candidates(D: int, small: bool = False) -> list[Tile]:
+    """CUDA_TILES[D] (CUDA_SMALL_GRID_TILES[D] if `small`), then with fewer pipeline stages, then narrower key blocks,
+    then half the rows (fp32 at D 512): the launcher keeps the first that fits the GPU (Triton raises OutOfResources
+    at the first launch when shared memory runs out)."""
+    tile = CUDA_SMALL_GRID_TILES[D] if small else CUDA_TILES[D]
     return ([tile._replace(stages=s) for s in range(tile.stages, 0, -1)]
             + [tile._replace(block_n=n, stages=1) for n in (tile.block_n // 2, tile.block_n // 4) if n >= 16]
             + [tile._replace(block_m=tile.block_m // 2, block_n=16, stages=1)])
@@ -376,7 +388,8 @@ def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     if config is not None or q.device.type != "cuda":
         _launch(q, k, v, pos, kv_len, out, config or default_config(q, n_kv, cap, scratch), *causal)
         return out
-    key, tiles = (q.device.index, D, q.dtype), tile_candidates(D)
+    small = small_grid(B, H, n_kv, T, D, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    key, tiles = (q.device.index, D, q.dtype, small), tile_candidates(D, small)
     for i in range(_TILE_FITS.get(key, 0), len(tiles)):
         try:
             _launch(q, k, v, pos, kv_len, out, default_config(q, n_kv, cap, scratch, tiles[i]), *causal)
