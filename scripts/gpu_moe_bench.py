@@ -13,7 +13,10 @@ as the engine runs it. Prints the winners as CUDA_TILES entries to paste into dg
 
 times `moe(..., dense=...)` (the layer's dense MLP, Id 2112 = 3 × 704, as pseudo-experts in the same two launches)
 against `moe()` plus the separate torch dense MLP (F.linear on the stacked gate/up weight, gelu·up, F.linear down),
-and checks both outputs. Without a GPU, `TRITON_INTERPRET=1 python3 scripts/gpu_moe_bench.py --dense --tokens 40`
+and checks both outputs; then the layer's MoE + tail as the fused layer runs it, `moe(dense=)` + `ffn_tail` (the
+k-sum launch between them) against `moe(dense=, summed=False)` + `ffn_tail(moe_weights=, dense_parts=True)` (the
+tail sums the bf16 routed rows and fp32 dense parts itself), each launch alone too, and checks they agree bit for
+bit. Without a GPU, `TRITON_INTERPRET=1 python3 scripts/gpu_moe_bench.py --dense --tokens 40`
 runs it at a tiny shape in Triton's interpreter (a smoke test: the times mean nothing).
 """
 
@@ -27,13 +30,16 @@ import triton
 from dgemma.benchmark import copy_bandwidth, graph_ms, time_ms
 from dgemma.config import ModelArgs
 from dgemma.kernels import moe as kmoe
+from dgemma.kernels.ffn_tail import ffn_tail
 from dgemma.kernels.moe import Tile
 from dgemma.models import diffusion_gemma as dg
 
 TILES = [Tile(32, 128, 4, 4), Tile(32, 256, 4, 3), Tile(64, 64, 4, 4), Tile(64, 64, 4, 6), Tile(64, 128, 4, 3),
          Tile(64, 128, 4, 4), Tile(64, 256, 4, 3), Tile(128, 64, 4, 4), Tile(128, 64, 8, 4), Tile(128, 128, 8, 3),
-         Tile(64, 128, 8, 4), Tile(128, 128, 4, 3)]
-BLOCK_MS = {256: (16, 32), 512: (16, 32, 64), 1024: (32, 64), 2048: (64, 128), 4096: (64, 128)}
+         Tile(64, 128, 8, 4), Tile(128, 128, 4, 3), Tile(64, 128, 8, 3), Tile(32, 128, 4, 3)]
+# 2048 and 4096 tokens (batch 8, 16) also at block_m 32: vLLM's tuned H200 table for 128 experts (top 8) picks
+# BLOCK_M 32, BLOCK_K 128, 8 warps, 3 stages at 2048 tokens (fused_moe/configs/E=128,N=1024,device_name=NVIDIA_H200)
+BLOCK_MS = {256: (16, 32), 512: (16, 32, 64), 1024: (32, 64), 2048: (32, 64, 128), 4096: (32, 64, 128)}
 
 
 def try_ms(fn) -> float | None:
@@ -167,12 +173,49 @@ def bench_dense(a) -> None:
                   f"{r['separate_us']:.1f} us → fused {r['fused_us']:.1f} us ({nbytes / r['fused_us'] / 1e3:.0f} GB/s, "
                   f"saves {r['separate_us'] - r['fused_us']:.1f} us); routed output unchanged: {r['routed_equal']}, "
                   f"dense rel err vs torch {r['dense_rel_err']:.1e}", flush=True)
-            rows.append(r)
+            rows.append(r | bench_tail(x, weights, idx, gu, dn, dense, ms, g))
     if a.out:
         env = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)", "torch": torch.__version__,
                "triton": triton.__version__, "copy_bandwidth_gb_s": bw / 1e9}
         with open(a.out, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+
+
+def bench_tail(x, weights, idx, gu, dn, dense, ms, g) -> dict:
+    """One N: the fused layer's MoE + tail (`fused_layer.feed_forward`, next norm included). Before: moe(dense=) (its
+    k-sum launch reads N·k + N·J fp32 rows) then ffn_tail; now: moe(dense=, summed=False) (bf16 routed rows, fp32
+    dense parts) then ffn_tail summing them itself."""
+    N, H = x.shape
+    resid = (torch.randn(N, H, device=x.device, generator=g) * 20).to(x.dtype)
+    w1, w2, w, wn = ((torch.rand(H, device=x.device, generator=g) * 2).to(x.dtype) for _ in range(4))
+    scalar = torch.tensor([0.75], device=x.device, dtype=x.dtype)
+
+    def tail(dense_in, moe_in, **unsummed):
+        return ffn_tail(resid, dense_in, moe_in, w1, w2, w, scalar, 1e-6, next_weight=wn, **unsummed)
+
+    def before():
+        moe_out, dense_out = kmoe.moe(x, weights, idx, gu, dn, dense=dense)
+        return tail(dense_out, moe_out)
+
+    def now():
+        routed, parts = kmoe.moe(x, weights, idx, gu, dn, dense=dense, summed=False)
+        return tail(parts, routed, moe_weights=weights, dense_parts=True)
+
+    routed, parts = kmoe.moe(x, weights, idx, gu, dn, dense=dense, summed=False)
+    moe_out, dense_out = kmoe.sum_k(routed, weights, parts)
+    r = {"tail_equal": all(torch.equal(a, b) for a, b in zip(now(), before(), strict=True)),
+         "moe_summed_us": ms(lambda: kmoe.moe(x, weights, idx, gu, dn, dense=dense)) * 1e3,
+         "moe_unsummed_us": ms(lambda: kmoe.moe(x, weights, idx, gu, dn, dense=dense, summed=False)) * 1e3,
+         "sum_k_us": ms(lambda: kmoe.sum_k(routed, weights, parts)) * 1e3,
+         "ffn_tail_us": ms(lambda: tail(dense_out, moe_out)) * 1e3,
+         "folded_tail_us": ms(lambda: tail(parts, routed, moe_weights=weights, dense_parts=True)) * 1e3,
+         "moe_tail_before_us": ms(before) * 1e3, "moe_tail_now_us": ms(now) * 1e3}
+    print(f"  + tail: moe(dense=) {r['moe_summed_us']:.1f} us (k-sum {r['sum_k_us']:.1f}) + ffn_tail "
+          f"{r['ffn_tail_us']:.1f} = {r['moe_tail_before_us']:.1f} us → unsummed {r['moe_unsummed_us']:.1f} + folded "
+          f"tail {r['folded_tail_us']:.1f} = {r['moe_tail_now_us']:.1f} us (saves "
+          f"{r['moe_tail_before_us'] - r['moe_tail_now_us']:.1f} us per layer); same bits: {r['tail_equal']}",
+          flush=True)
+    return r
 
 
 if __name__ == "__main__":

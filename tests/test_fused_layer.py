@@ -33,12 +33,26 @@ def counting(monkeypatch) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("lengths", [(5,), (40, 29)])
-def test_fused_layer_matches_the_per_op_static_passes(tiny_ckpt, fused, monkeypatch, lengths):
-    llm = LLM(tiny_ckpt("a"), device="cpu")  # dense width 96 = 3 experts of 32: the dense MLP rides in the MoE
+def k_sum_launch(monkeypatch):
+    """moe's own k-sum launch (`sum_k`) before ffn_tail, instead of the tail summing the unsummed rows itself."""
+    from dgemma.kernels.moe import sum_k
+
+    tail = fused_layer.FUSED["ffn_tail"]
+
+    def ffn_tail(x, dense, routed, *args, moe_weights, dense_parts, **kwargs):
+        moe, dense_sum = sum_k(routed, moe_weights, dense if dense_parts else None)
+        return tail(x, dense_sum.view_as(x) if dense_parts else dense, moe.view_as(x), *args, **kwargs)
+    monkeypatch.setitem(fused_layer.FUSED, "ffn_tail", ffn_tail)
+
+
+@pytest.mark.parametrize("lengths,dense_in_moe", [((5,), True), ((40, 29), True), ((5,), False)])
+def test_fused_layer_matches_the_per_op_static_passes(tiny_ckpt, fused, monkeypatch, lengths, dense_in_moe):
+    """dense_in_moe: the dense MLP (width 96 = 3 experts of 32) rides in the MoE's launches, else its own GEMMs."""
+    llm = LLM(tiny_ckpt("a"), device="cpu")
     fuse_projections(llm.model)
     ref = [commit_then_step(llm, lengths, fold, 1.0) for fold in (False, True)]
     fused(True)
+    monkeypatch.setattr(fused_layer, "dense_in_moe", lambda layer, tokens: dense_in_moe)
     calls = counting(monkeypatch)
     out = [commit_then_step(llm, lengths, fold, 1.0) for fold in (False, True)]
     layers = llm.args.num_hidden_layers
@@ -48,6 +62,11 @@ def test_fused_layer_matches_the_per_op_static_passes(tiny_ckpt, fused, monkeypa
         assert (ref_logits - logits).abs().max() <= 1e-4
         assert torch.equal(ref_logits.argmax(-1), logits.argmax(-1))
         assert_same_cache(ref_cache, cache)
+    k_sum_launch(monkeypatch)  # the tail's own sums give the bits of moe's k-sum launch
+    for (logits, cache), (sum_logits, sum_cache) in zip(out, [commit_then_step(llm, lengths, fold, 1.0)
+                                                              for fold in (False, True)]):
+        assert torch.equal(logits, sum_logits)
+        assert_same_cache(cache, sum_cache, atol=0)
 
 
 def test_fused_layer_only_where_it_applies(tiny_ckpt, fused):

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from dgemma.kernels.ffn_tail import ffn_tail, reference_ffn_tail  # noqa: E402
 from dgemma.kernels.layer_norms import attn_residual, reference_attn_residual  # noqa: E402
-from dgemma.kernels.moe import align, align_reference, moe, reference_moe  # noqa: E402
+from dgemma.kernels.moe import align, align_reference, moe, reference_moe, sum_k  # noqa: E402
 from dgemma.kernels.rms_norm import reference_rms_norm, rms_norm  # noqa: E402
 from dgemma.kernels.sampler import fused_sample, fused_scores, philox_exponentials, reference_sample  # noqa: E402
 
@@ -66,32 +66,49 @@ def check_sample(out, ref, x_processed: torch.Tensor, noise: torch.Tensor, probs
     torch.testing.assert_close(probs.float(), rp.float(), rtol=rtol, atol=1e-37)
 
 
-@pytest.mark.parametrize("dtype,softcap,probs_dtype,split,masked", [
-    (torch.float32, 0.0, torch.bfloat16, 1, False),
-    (torch.float32, 0.0, torch.float32, 3, True),
-    (torch.bfloat16, 30.0, torch.bfloat16, 2, False),
-    (torch.bfloat16, 30.0, torch.float16, 1, True),
+@pytest.mark.parametrize("dtype,softcap,probs_dtype,split,masked,V,fast_math", [
+    (torch.float32, 0.0, torch.bfloat16, 1, False, 9000, None),  # V not a multiple of the 4096-column tile
+    (torch.float32, 0.0, torch.float32, 3, True, 9000, None),  # split 3 leaves the last split partly empty
+    (torch.bfloat16, 30.0, torch.bfloat16, 2, False, 9000, None),
+    (torch.bfloat16, 30.0, torch.float16, 1, True, 9000, None),
+    (torch.bfloat16, 30.0, torch.bfloat16, 2, False, 8192, None),  # whole tiles: no masks
+    # The fast formulas (exp2/rcp softcap, series/lg2 noise); under the interpreter with exact lg2 and rcp.
+    (torch.bfloat16, 30.0, torch.bfloat16, 2, False, 8192, True),
+    (torch.float32, 0.0, torch.bfloat16, 3, True, 9000, True),
 ])
-def test_sampler_matches_reference(dtype, softcap, probs_dtype, split, masked):
-    R, V = 6, 9000  # V not a multiple of the 4096-column tile; split 3 leaves the last split partly empty
+def test_sampler_matches_reference(dtype, softcap, probs_dtype, split, masked, V, fast_math):
+    R = 6
     x = logits_for(R, V, dtype, masked)
     temp = torch.linspace(0.4, 0.8, R, device=DEV) if split != 2 else torch.tensor([0.5, 0.7], device=DEV)
     seed = torch.tensor([11, 12, 13], dtype=torch.int64, device=DEV)  # one key per 2 rows
     offset = torch.tensor([5], dtype=torch.int64, device=DEV)
-    out = fused_sample(x, temp, seed, offset, softcap=softcap, probs_dtype=probs_dtype, split=split)
-    noise = philox_exponentials(seed, offset, R, V)
+    kw = dict(softcap=softcap, probs_dtype=probs_dtype, fast_math=fast_math)
+    out = fused_sample(x, temp, seed, offset, split=split, **kw)
+    noise = philox_exponentials(seed, offset, R, V, fast_math=fast_math)
     ref = reference_sample(x, temp, noise, softcap=softcap, probs_dtype=probs_dtype)
     processed = (torch.tanh(x.float() / softcap) * softcap if softcap else x.float()) / temp.repeat_interleave(
         R // temp.numel())[:, None]
     check_sample(out, ref, processed, noise, probs_dtype)
     assert torch.equal(out[1], torch.full((R,), TIES[0], device=DEV))
     # The explicit-noise path gives the same results as the Philox path (same split: the same summation order).
-    for a, b in zip(fused_sample(x, temp, noise=noise, softcap=softcap, probs_dtype=probs_dtype, split=split), out):
+    for a, b in zip(fused_sample(x, temp, noise=noise, split=split, **kw), out):
         assert torch.equal(a, b)
-    # Another split sums in another order: the same draws and winners, sums equal up to float rounding.
-    other = fused_sample(x, temp, noise=noise, softcap=softcap, probs_dtype=probs_dtype, split=1)
+    # Another split sums in another order: the same draws and winners (the race key of a column does not depend on
+    # the split), sums equal up to float rounding.
+    other = fused_sample(x, temp, noise=noise, split=1, **kw)
     assert torch.equal(other[0], out[0]) and torch.equal(other[1], out[1])
     torch.testing.assert_close(other[2], out[2], rtol=1e-5, atol=1e-6)
+
+
+def test_fast_noise_matches_log1p():
+    """The fast E = -log1p(-W) (series below W = 1/4, lg2 above) is the accurate one to ~1e-6 relative (closer under
+    the interpreter's exact lg2: there only the series' fit and float rounding differ)."""
+    seed = torch.tensor([7], dtype=torch.int64, device=DEV)
+    off = torch.tensor([3], dtype=torch.int64, device=DEV)
+    fast = philox_exponentials(seed, off, 4, 8192, fast_math=True).double()
+    exact = philox_exponentials(seed, off, 4, 8192, fast_math=False).double()
+    assert ((fast / exact - 1).abs().max()) < (2e-6 if DEV == "cuda" else 1e-6)
+    assert (exact < -torch.log1p(torch.tensor(-0.25, dtype=torch.float64))).any()  # both branches ran
 
 
 def test_fused_scores_is_a_drop_in_for_fast_scores():
@@ -368,6 +385,70 @@ def test_moe_dense_checks():
         moe(x, weights, idx, gate_up, down, dense=(xd, gate_up_d.bfloat16(), down_d))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_moe_unsummed_rows(dtype):
+    """summed=False: the routed rows [N, k, H] in x's dtype (unweighted) and the dense MLP's fp32 parts [N, J, H].
+    `sum_k` over them is moe's own k-sum launch (moe()'s bits), as is the model's weighted fp32 sum over k."""
+    N, H, I, E, k = 40, 64, 16, 8, 2
+    x, weights, idx, gate_up, down = moe_case(N=N, E=E, k=k, H=H, I=I, dtype=dtype, device=DEV)
+    dense = dense_case(N, H, 3 * I, dtype, DEV)
+    rows, parts = moe(x, weights, idx, gate_up, down, dense=dense, summed=False)
+    assert rows.dtype == dtype and rows.shape == (N, k, H) and parts.dtype == torch.float32
+    assert parts.shape == (N, 3, H)
+    out, out_dense = moe(x, weights, idx, gate_up, down, dense=dense)
+    assert torch.equal(moe(x, weights, idx, gate_up, down, summed=False), rows)  # the dense tiles touch no row
+    moe_sum, dense_sum = sum_k(rows, weights, parts)
+    assert torch.equal(moe_sum, out) and torch.equal(dense_sum, out_dense)
+    assert torch.equal((rows.float() * weights[..., None]).sum(1).to(dtype), out)  # `Experts.forward`'s sum
+    assert torch.equal(parts.sum(1).to(dtype), out_dense)
+    with pytest.raises(ValueError, match="no unsummed rows"):
+        moe(x, weights, idx, gate_up, down, atomic=True, summed=False)
+
+
+@pytest.mark.parametrize("dtype,T,D,split,strided", [
+    (torch.bfloat16, 12, 2816, 5, True), (torch.bfloat16, 40, 48, None, False), (torch.float32, 40, 48, 7, True),
+    (torch.float16, 40, 48, 0, False)])
+def test_ffn_tail_sums_unsummed_rows(dtype, T, D, split, strided):
+    """ffn_tail(moe_weights=, dense_parts=) sums moe(summed=False)'s routed rows and dense parts itself: the bits of
+    moe's k-sum launch (`sum_k`) then ffn_tail, with either unsummed input alone or both; and the eager math."""
+    g = torch.Generator().manual_seed(D + T)
+    R, k, J = 2 * T, 8, 3
+    x = rows_of((2, T, D), dtype, g, 20, strided)
+    routed, parts = rows_of((R, k, D), dtype, g, 1, strided), rows_of((R, J, D), torch.float32, g, 0.5)
+    weights = torch.softmax(torch.randn(R, k, generator=g) * 2, dim=-1).to(DEV)
+    moe_sum, dense_sum = (t.view_as(x) for t in sum_k(routed.contiguous(), weights, parts))
+    w1, w2, w, wn = ((torch.rand(D, generator=g) * 2).to(dtype).to(DEV) for _ in range(4))
+    args = (w1, w2, w, torch.tensor([0.75], dtype=dtype, device=DEV), 1e-6)
+    opts = {"next_weight": wn}
+    if split is not None:
+        opts |= {"scalar2": torch.tensor([-1.5], dtype=dtype, device=DEV), "split": split}
+    want = ffn_tail(x, dense_sum, moe_sum, *args, **opts)
+    unsummed = {"moe_weights": weights, "dense_parts": True}
+    for dense, moe_in, extra in ((parts, routed, unsummed), (dense_sum, routed, {"moe_weights": weights}),
+                                 (parts, moe_sum, {"dense_parts": True})):
+        for got, ref in zip(ffn_tail(x, dense, moe_in, *args, **extra, **opts), want, strict=True):
+            assert torch.equal(got, ref)
+    ref = reference_ffn_tail(x, parts, routed, *args, **unsummed, **opts)
+    for got, r in zip(want, ref, strict=True):
+        check_rounded(got, r)
+
+
+def test_ffn_tail_unsummed_checks():
+    x = torch.randn(2, 4, 48, device=DEV).bfloat16()
+    w = torch.rand(48, device=DEV).bfloat16()
+    one = torch.ones(1, device=DEV).bfloat16()
+    routed, parts = torch.randn(8, 3, 48, device=DEV).bfloat16(), torch.randn(8, 2, 48, device=DEV)
+    weights = torch.rand(8, 3, device=DEV)
+    with pytest.raises(ValueError, match="share one of"):  # the dense parts are fp32
+        ffn_tail(x, parts.bfloat16(), routed, w, w, w, one, 1e-6, moe_weights=weights, dense_parts=True)
+    with pytest.raises(ValueError, match=r"unsummed moe must be \[8, n, 48\]"):
+        ffn_tail(x, x, routed[:7], w, w, w, one, 1e-6, moe_weights=weights)
+    with pytest.raises(ValueError, match=r"moe_weights must be \[8, 3\]"):
+        ffn_tail(x, x, routed, w, w, w, one, 1e-6, moe_weights=weights[:, :2])
+    with pytest.raises(ValueError, match="differ in shape"):  # rows without their weights
+        ffn_tail(x, x, routed, w, w, w, one, 1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [256, 2048])
 @pytest.mark.parametrize("atomic", [False, True])
@@ -399,24 +480,68 @@ def test_moe_dense_real_shape_cuda(tokens, atomic):
             assert torch.equal(r, t)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [256, 2048])
+def test_ffn_tail_unsummed_real_shape_cuda(tokens):
+    """26B-A4B: moe(dense=, summed=False) then the tail summing the routed rows and dense parts itself gives the bits
+    of moe(dense=) then ffn_tail (its products never fused into an fma: moe.mul_rn), also replayed in a CUDA graph
+    on new inputs."""
+    from dgemma.engine.fast import capture_graph
+
+    H = 2816
+    x, weights, idx, gate_up, down = moe_case(N=tokens, E=128, k=8, H=H, I=704, dtype=torch.bfloat16,
+                                              device="cuda", seed=tokens)
+    dense = dense_case(tokens, H, 2112, torch.bfloat16, "cuda", seed=tokens + 1)
+    g = torch.Generator("cuda").manual_seed(tokens)
+    resid = (torch.randn(1, tokens, H, device="cuda", generator=g) * 20).bfloat16()
+    w = [torch.rand(H, device="cuda", generator=g).bfloat16() * 2 for _ in range(4)]
+    scalars = torch.tensor([0.75], device="cuda").bfloat16(), torch.tensor([0.5], device="cuda").bfloat16()
+    opts = {"next_weight": w[3], "scalar2": scalars[1], "split": tokens // 2}
+
+    def summed():
+        moe_out, dense_out = moe(x, weights, idx, gate_up, down, dense=dense)
+        return ffn_tail(resid, dense_out.view_as(resid), moe_out.view_as(resid), *w[:3], scalars[0], 1e-6, **opts)
+
+    def folded():
+        routed, parts = moe(x, weights, idx, gate_up, down, dense=dense, summed=False)
+        return ffn_tail(resid, parts, routed, *w[:3], scalars[0], 1e-6, moe_weights=weights, dense_parts=True,
+                        **opts)
+
+    for got, want in zip(folded(), summed(), strict=True):
+        assert torch.equal(got, want)
+    routed, parts = moe(x, weights, idx, gate_up, down, dense=dense, summed=False)
+    assert torch.equal(sum_k(routed, weights, None)[0], moe(x, weights, idx, gate_up, down))
+    res = tuple(torch.empty_like(t) for t in summed())
+    graph = capture_graph(lambda: [r.copy_(t) for r, t in zip(res, folded())])
+    x.copy_(torch.randn(x.shape, device="cuda", generator=g).bfloat16())
+    resid.copy_(torch.randn(resid.shape, device="cuda", generator=g).bfloat16() * 20)
+    graph.replay()
+    for got, want in zip(res, summed(), strict=True):
+        assert torch.equal(got, want)
+
+
 # --- GPU, real shapes ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [256, 2048])
-def test_sampler_real_shape_cuda(rows):
+@pytest.mark.parametrize("fast_math", [None, False])  # the default (MUFU forms) and the accurate one
+def test_sampler_real_shape_cuda(rows, fast_math):
     V = 262144
     g = torch.Generator("cuda").manual_seed(rows)
     raw = (torch.randn(rows, V, device="cuda", generator=g) * 4).bfloat16()  # the LM head's bf16 output
     temp = torch.full((1,), 0.6, device="cuda")
     seed = torch.arange(rows // 256, dtype=torch.int64, device="cuda") + 100  # one seed per canvas
     offset = torch.tensor([3], dtype=torch.int64, device="cuda")
-    noise = philox_exponentials(seed, offset, rows, V)
+    noise = philox_exponentials(seed, offset, rows, V, fast_math=fast_math)
     logits = torch.tanh(raw.float() / 30) * 30  # what lm_head returns
     ref = reference_sample(logits, temp, noise, probs_dtype=torch.bfloat16)
-    check_sample(fused_sample(logits, temp, seed, offset), ref, logits / temp, noise, torch.bfloat16)
-    # Softcap inside the kernel from the raw bf16 head output (tanh differs from torch's by an ulp or so).
-    out = fused_sample(raw, temp, seed, offset, softcap=30.0)
+    check_sample(fused_sample(logits, temp, seed, offset, fast_math=fast_math), ref, logits / temp, noise,
+                 torch.bfloat16)
+    # Softcap inside the kernel from the raw bf16 head output (tanh differs from torch's by a few ulps).
+    out = fused_sample(raw, temp, seed, offset, softcap=30.0, fast_math=fast_math)
     assert torch.equal(out[1], ref[1])
     torch.testing.assert_close(out[2], ref[2], rtol=1e-4, atol=1e-4)
+    clear = race_keys_margin(logits / temp, noise) > 1e-4
+    assert torch.equal(out[0][clear], ref[0][clear])
 
 
 @pytest.mark.gpu

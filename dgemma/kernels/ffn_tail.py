@@ -8,11 +8,15 @@ intermediate is rounded to the model dtype where the model rounds it (each norm'
 add, the product), so results match the eager layer up to the last bit of each norm's scale (see rms_norm.py).
 `layer_scalar` is read on the device ([1] tensor): no host sync, CUDA-graph safe.
 
-Options, both in the same launch:
+Options, all in the same launch:
 - `next_weight`: also return `rms_norm(out, next_weight)`, the next layer's input_layernorm (or the final norm),
   saving that norm's re-read of `out`.
 - `scalar2`, `split`: the folded pass (`Layer.forward_folded`), rows [..., T, D] where position t >= split along T
   takes `scalar2` instead of `layer_scalar`: its `torch.cat` of the two scaled halves without the copy.
+- `moe_weights`, `dense_parts`: moe and dense as `moe(..., summed=False)` leaves them (the k routed rows per token
+  and the router weights; the dense MLP's J fp32 parts), summed here by moe.py's own `sum_rows` and rounded once,
+  so the result is bit for bit that of `moe(...)` then `ffn_tail(...)` without moe's k-sum launch (nor its two
+  [tokens, hidden] outputs, written there and read back here).
 """
 
 from __future__ import annotations
@@ -23,21 +27,28 @@ import triton.language as tl
 
 from dgemma.kernels.fmath import MODES, round_to
 from dgemma.kernels.layer_norms import check_vectors
+from dgemma.kernels.moe import sum_rows
 from dgemma.kernels.rms_norm import as_rows, block_shape, normed_rows
 
 
 @triton.jit
-def _ffn_tail_kernel(x_ptr, d_ptr, m_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, s2_ptr, wn_ptr, out_ptr, next_ptr,
-                     R, D, T, split, eps, stride_x, stride_d, stride_m, stride_o,
-                     MODE: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_NEXT: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ffn_tail_kernel(x_ptr, d_ptr, m_ptr, rw_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, s2_ptr, wn_ptr, out_ptr, next_ptr,
+                     R, D, T, split, eps, stride_x, stride_d, stride_m, stride_rw, stride_o,
+                     MODE: tl.constexpr, TOP_K: tl.constexpr, DENSE_J: tl.constexpr, GPU: tl.constexpr,
+                     HAS_SPLIT: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < D)[None, :]
     r2, c2 = rows[:, None], cols[None, :]
     cmask = cols < D
-    dense = tl.load(d_ptr + r2 * stride_d + c2, mask=mask, other=0.0).to(tl.float32)
-    moe = tl.load(m_ptr + r2 * stride_m + c2, mask=mask, other=0.0).to(tl.float32)
+    if DENSE_J > 0:  # the J fp32 parts, summed and rounded once (moe.py's k-sum launch)
+        dense = round_to(sum_rows(d_ptr, d_ptr, rows, cols, R, D, stride_d, 0, DENSE_J, False, GPU), MODE)
+    else:
+        dense = tl.load(d_ptr + r2 * stride_d + c2, mask=mask, other=0.0).to(tl.float32)
+    if TOP_K > 0:  # Σ_j w_j · y_j over the k routed rows, rounded once
+        moe = round_to(sum_rows(m_ptr, rw_ptr, rows, cols, R, D, stride_m, stride_rw, TOP_K, True, GPU), MODE)
+    else:
+        moe = tl.load(m_ptr + r2 * stride_m + c2, mask=mask, other=0.0).to(tl.float32)
     w1 = tl.load(w1_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     w2 = tl.load(w2_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -57,17 +68,19 @@ def _ffn_tail_kernel(x_ptr, d_ptr, m_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, s2_ptr, 
 
 
 def ffn_tail(x: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor, w_dense: torch.Tensor, w_moe: torch.Tensor,
-             w_out: torch.Tensor, layer_scalar: torch.Tensor, eps: float, *, next_weight: torch.Tensor | None = None,
-             scalar2: torch.Tensor | None = None, split: int | None = None
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             w_out: torch.Tensor, layer_scalar: torch.Tensor, eps: float, *, moe_weights: torch.Tensor | None = None,
+             dense_parts: bool = False, next_weight: torch.Tensor | None = None, scalar2: torch.Tensor | None = None,
+             split: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(x + N(N1(dense) + N2(moe))) * layer_scalar. x, dense, moe: [..., D] in one dtype; w_*: [D];
     layer_scalar: a 1-element tensor. With `next_weight` [D]: (out, rms_norm(out, next_weight, eps)). With
     `scalar2` (1-element tensor) and `split` (int in [0, T]): rows at position t >= split along x.shape[-2] = T
-    use scalar2 instead of layer_scalar."""
+    use scalar2 instead of layer_scalar. Unsummed, as `moe(..., summed=False)` returns them (R = x's rows): with
+    `moe_weights` [R, k] (fp32), moe is the routed rows [R, k, D] in x's dtype and stands for Σ_j w_j · moe[:, j];
+    with `dense_parts`, dense is [R, J, D] fp32 and stands for Σ_j dense[:, j]; each sum rounded once."""
     D = x.shape[-1]
-    if x.dtype not in MODES or dense.dtype != x.dtype or moe.dtype != x.dtype:
-        raise ValueError("ffn_tail: x, dense and moe must share one of fp32, bf16, fp16")
-    if dense.shape != x.shape or moe.shape != x.shape:
+    if x.dtype not in MODES or moe.dtype != x.dtype or dense.dtype != (torch.float32 if dense_parts else x.dtype):
+        raise ValueError("ffn_tail: x, dense and moe must share one of fp32, bf16, fp16 (dense_parts: fp32)")
+    if (not dense_parts and dense.shape != x.shape) or (moe_weights is None and moe.shape != x.shape):
         raise ValueError(f"ffn_tail: x {tuple(x.shape)}, dense {tuple(dense.shape)} and moe {tuple(moe.shape)} "
                          "differ in shape")
     check_vectors("ffn_tail", D, w_dense=w_dense, w_moe=w_moe, w_out=w_out,
@@ -75,22 +88,35 @@ def ffn_tail(x: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor, w_dense: t
     if layer_scalar.numel() != 1:
         raise ValueError("ffn_tail: layer_scalar must have one element")
     T = check_split(x, scalar2, split)
-    xr, dr, mr = as_rows(x, D), as_rows(dense, D), as_rows(moe, D)
+    xr = as_rows(x, D)
+    R = xr.shape[0]
+    dr = unsummed_rows("dense", dense, R, D) if dense_parts else as_rows(dense, D)
+    mr = unsummed_rows("moe", moe, R, D) if moe_weights is not None else as_rows(moe, D)
+    if moe_weights is not None and moe_weights.shape != (R, mr.shape[1]):
+        raise ValueError(f"ffn_tail: moe_weights must be [{R}, {mr.shape[1]}], got {tuple(moe_weights.shape)}")
+    rw = moe_weights.float().contiguous() if moe_weights is not None else mr
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h_next = torch.empty_like(out) if next_weight is not None else None
     result = out if h_next is None else (out, h_next)
     o = out.view(-1, D)
-    R = xr.shape[0]
     if R == 0:
         return result
     block_r, block_d, warps = block_shape(D)
     _ffn_tail_kernel[(triton.cdiv(R, block_r),)](
-        xr, dr, mr, w_dense, w_moe, w_out, layer_scalar, layer_scalar if scalar2 is None else scalar2,
+        xr, dr, mr, rw, w_dense, w_moe, w_out, layer_scalar, layer_scalar if scalar2 is None else scalar2,
         w_out if next_weight is None else next_weight, o, o if h_next is None else h_next.view(-1, D),
-        R, D, T, 0 if split is None else split, eps, xr.stride(0), dr.stride(0), mr.stride(0), o.stride(0),
-        MODE=MODES[x.dtype], HAS_SPLIT=split is not None, HAS_NEXT=next_weight is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        R, D, T, 0 if split is None else split, eps, xr.stride(0), dr.stride(0), mr.stride(0), rw.stride(0),
+        o.stride(0), MODE=MODES[x.dtype], TOP_K=mr.shape[1] if moe_weights is not None else 0,
+        DENSE_J=dr.shape[1] if dense_parts else 0, GPU=x.is_cuda, HAS_SPLIT=split is not None,
+        HAS_NEXT=next_weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     return result
+
+
+def unsummed_rows(name: str, t: torch.Tensor, R: int, D: int) -> torch.Tensor:
+    """An unsummed input [R, n, D] with each row's n·D values contiguous, as `sum_rows` reads them."""
+    if t.dim() != 3 or t.shape[0] != R or t.shape[2] != D:
+        raise ValueError(f"ffn_tail: unsummed {name} must be [{R}, n, {D}], got {tuple(t.shape)}")
+    return t if t.stride(2) == 1 and t.stride(1) == D else t.contiguous()
 
 
 def check_split(x: torch.Tensor, scalar2: torch.Tensor | None, split: int | None) -> int:
@@ -109,11 +135,16 @@ def check_split(x: torch.Tensor, scalar2: torch.Tensor | None, split: int | None
     return T
 
 
-def reference_ffn_tail(x, dense, moe, w_dense, w_moe, w_out, layer_scalar, eps, *, next_weight=None, scalar2=None,
-                       split=None):
-    """The eager layer's math, op for op (`Layer.forward`; with a split, `Layer.forward_folded`'s cat)."""
+def reference_ffn_tail(x, dense, moe, w_dense, w_moe, w_out, layer_scalar, eps, *, moe_weights=None,
+                       dense_parts=False, next_weight=None, scalar2=None, split=None):
+    """The eager layer's math, op for op (`Layer.forward`; with a split, `Layer.forward_folded`'s cat; unsummed
+    inputs summed as `Experts.forward` sums its weighted rows)."""
     from dgemma.models.diffusion_gemma import rms_norm
 
+    if moe_weights is not None:
+        moe = (moe.float() * moe_weights[..., None]).sum(dim=1).to(x.dtype).view_as(x)
+    if dense_parts:
+        dense = dense.sum(dim=1).to(x.dtype).view_as(x)
     h = rms_norm(dense, w_dense, eps) + rms_norm(moe, w_moe, eps)
     x = x + rms_norm(h, w_out, eps)
     if split is None:

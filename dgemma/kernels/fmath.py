@@ -4,16 +4,23 @@
   into the exponent; GPUs round to nearest even. Rounding on the bits first makes the value exactly representable,
   so the final cast is exact everywhere and results match torch's `.to(torch.bfloat16)` bit for bit.
 - `log1p`, `expm1`, `tanh`: libdevice has them on GPU, the interpreter does not; these are accurate to a few ulps.
+- `log2`, `rcp` with FAST: one MUFU instruction each when compiled (lg2.approx, rcp.approx) instead of a polynomial
+  or a full-precision division. The interpreter has no libdevice: there (and without FAST) they are the exact ops,
+  so CPU tests still run the fast formulas built on them.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Codes for the constexpr `MODE` arguments below.
 MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -48,3 +55,24 @@ def tanh(y):
     t = expm1(-2.0 * tl.abs(y))  # in (-1, 0]
     r = -t / (2.0 + t)
     return tl.where(y < 0, -r, r)
+
+
+@triton.jit
+def log2(x, FAST: tl.constexpr):
+    """log2(x). FAST: MUFU lg2.approx, absolute error <= 2^-22 for x in [0.5, 2], 2 ulps elsewhere (the CUDA math
+    guide's __log2f): fine where an absolute error is what counts, not for the small log of a value near 1."""
+    if FAST and not INTERPRET:
+        y = libdevice.fast_log2f(x)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def rcp(x, FAST: tl.constexpr):
+    """1 / x. FAST: MUFU rcp.approx (div.approx: about 1 ulp; 0 past |x| = 2^126, where 1 / x is subnormal)."""
+    if FAST and not INTERPRET:
+        y = libdevice.fast_dividef(1.0, x)
+    else:
+        y = 1.0 / x
+    return y

@@ -1,7 +1,7 @@
 """Routed experts as two grouped GEMMs with the gather, the gated activation and the weighted scatter fused in.
 
     gate_up:  act[p] = gelu_tanh(x[t] @ Wgu[e, :I].T) * (x[t] @ Wgu[e, I:].T)   per pair p = (token t, expert e)
-    down:     out[t] += w[p] * (act[p] @ Wd[e].T)                               over the token's k pairs, in fp32
+    down:     out[t] = Σ_p w[p] * (act[p] @ Wd[e].T)                            over the token's k pairs, in fp32
 
 Same math and roundings as models/diffusion_gemma.py `Experts.forward` (grouped_mm outputs, gelu and the product
 rounded to the model dtype; y * w and the sum over k in fp32, cast once).
@@ -11,15 +11,17 @@ Notable choices:
   of BLOCK_M, so every M-tile belongs to one expert (the layout of vLLM's `moe_align_block_size`). The grid is the
   static upper bound cdiv(pairs, BLOCK_M) + experts; tiles past the end exit at once. No host sync: capturable.
 - The first GEMM gathers its token rows by index (no [pairs, hidden] copy); gate and up tiles share the A tile.
-- The second GEMM multiplies by the router weight and writes fp32 rows in pair order; `.view(N, k, H).sum(1)`
-  then adds the k rows in the reference's order (deterministic). `atomic=True` adds into [N, H] fp32 with atomics
-  instead (less memory traffic, summation order not deterministic).
+- The second GEMM writes its rows in pair order in the model dtype (exact: the grouped GEMM's output is rounded to
+  it anyway); the k-sum launch (`sum_rows`) multiplies each by its fp32 router weight and adds the k products in
+  the reference's order (deterministic), half the bytes of fp32 weighted rows. `summed=False` leaves that sum to
+  `ffn_tail(..., moe_weights=)`, one launch less. `atomic=True` adds w · y into [N, H] fp32 with atomics instead
+  (summation order not deterministic).
 - The layer's dense MLP (intermediate Id = J·I; 2112 = 3 × 704 in 26B-A4B) can ride along (`dense=`): J
   pseudo-experts of width I that every token visits with weight 1, as J·cdiv(N, BLOCK_M) extra programs at the end
   of both grids (static in the shapes, no routing tables). Each program picks its weights by branch (routed: the
-  expert tensors, dense: the separate [2·Id, H] / [H, Id] tensors, never copied together); the J fp32 parts are
-  summed and cast once by the k-sum launch, as one GEMM's fp32 accumulation would be. Saves the dense MLP's three
-  launches (two GEMMs well below bandwidth at batch 1, the gelu·up kernel).
+  expert tensors, dense: the separate [2·Id, H] / [H, Id] tensors, never copied together); the J fp32 parts (their
+  own buffer) are summed and cast once by the k-sum launch, as one GEMM's fp32 accumulation would be. Saves the
+  dense MLP's three launches (two GEMMs well below bandwidth at batch 1, the gelu·up kernel).
 - Routing tables come from one launch (`_align_kernel`, one program per expert, a histogram and a stable counting
   sort) instead of torch's radix sort and a dozen small kernels.
 - BLOCK_M follows the tokens per expert (`block_m_for`); BLOCK_N, BLOCK_K, warps and stages are pinned per BLOCK_M
@@ -91,8 +93,8 @@ def _gate_up_kernel(x_ptr, w_ptr, xd_ptr, wd_ptr, slots_ptr, block_expert_ptr, a
 
 
 @triton.jit(do_not_specialize=["N", "n_routed"])
-def _down_kernel(act_ptr, w_ptr, wd_ptr, slots_ptr, block_expert_ptr, rw_ptr, out_ptr, P, E, N, n_routed,
-                 stride_a, stride_we, stride_wn, stride_wdn, stride_o,
+def _down_kernel(act_ptr, w_ptr, wd_ptr, slots_ptr, block_expert_ptr, rw_ptr, out_ptr, dense_ptr, P, E, N, n_routed,
+                 stride_a, stride_we, stride_wn, stride_wdn, stride_o, stride_do,
                  I: tl.constexpr, H: tl.constexpr, TOP_K: tl.constexpr, DENSE_J: tl.constexpr, MODE: tl.constexpr,
                  ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
@@ -107,13 +109,13 @@ def _down_kernel(act_ptr, w_ptr, wd_ptr, slots_ptr, block_expert_ptr, rw_ptr, ou
         valid = pair < P
         w_down = w_ptr + e.to(tl.int64) * stride_we + n[:, None] * stride_wn
         out_row = pair // TOP_K if ATOMIC else pair
-    else:  # dense pseudo-expert j: down columns j·I.., weight 1, rows after the pairs (see `down_launch`)
+    else:  # dense pseudo-expert j: down columns j·I.., weight 1, into the dense buffer (see `down_launch`)
         m_tiles = (N + BLOCK_M - 1) // BLOCK_M
         j, tok = (b - n_routed) // m_tiles, ((b - n_routed) % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
         valid = tok < N
         w_down = wd_ptr + n[:, None].to(tl.int64) * stride_wdn + j * I
         pair = tok  # unused (no router weight)
-        out_row = N + tok if ATOMIC else P + tok * DENSE_J + j
+        out_row = tok if ATOMIC else tok * DENSE_J + j
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -123,14 +125,20 @@ def _down_kernel(act_ptr, w_ptr, wd_ptr, slots_ptr, block_expert_ptr, rw_ptr, ou
         if UPCAST:
             a, bw = a.to(tl.float32), bw.to(tl.float32)
         acc = tl.dot(a, tl.trans(bw), acc)
-    y = acc  # dense: the fp32 part, rounded once after the J parts are added (`_sum_k_kernel`)
-    if b < n_routed:  # bf16 y × fp32 w → fp32
-        y = round_to(acc, MODE) * tl.load(rw_ptr + pair, mask=valid, other=0.0)[:, None]
     mask = valid[:, None] & (n < H)[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptr + out_row.to(tl.int64)[:, None] * stride_o + n[None, :], y, mask=mask)
-    else:
-        tl.store(out_ptr + out_row.to(tl.int64)[:, None] * stride_o + n[None, :], y, mask=mask)
+    out_row = out_row.to(tl.int64)[:, None]
+    if b < n_routed:
+        y = round_to(acc, MODE)  # the grouped GEMM's output dtype
+        if ATOMIC:  # bf16 y × fp32 w → fp32, summed over the token's k pairs by the atomics
+            y = y * tl.load(rw_ptr + pair, mask=valid, other=0.0)[:, None]
+            tl.atomic_add(out_ptr + out_row * stride_o + n[None, :], y, mask=mask)
+        else:  # exact in the model dtype; weighted and summed over k later (`sum_rows`)
+            tl.store(out_ptr + out_row * stride_o + n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # dense: the fp32 part, rounded once after the J parts are added
+        if ATOMIC:
+            tl.atomic_add(dense_ptr + out_row * stride_do + n[None, :], acc, mask=mask)
+        else:
+            tl.store(dense_ptr + out_row * stride_do + n[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -175,22 +183,51 @@ def _align_kernel(idx_ptr, slots_ptr, block_expert_ptr, E: tl.constexpr, P: tl.c
             tl.store(slots_ptr + rows, tl.full([TAIL_CHUNK, BLOCK_M], P, tl.int32), mask=tail[:, None])
 
 
+@triton.jit
+def mul_rn(a, b, GPU: tl.constexpr):
+    """a · b (fp32), rounded before anything is added to it, as torch's `y * w` before the k-sum. On GPU one PTX
+    `mul.rn.f32`: Triton contracts a product and a following add into one fma by default (one rounding fewer), and
+    libdevice's `mul_rn` flushes denormals (Triton builds it with FTZ). The interpreter's numpy product is rounded
+    anyway (and it runs no PTX)."""
+    if GPU:
+        p = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        p = a * b
+    return p
+
+
+@triton.jit
+def sum_rows(y_ptr, w_ptr, rows, cols, R, H, stride_y, stride_w, COUNT: tl.constexpr, WEIGHTED: tl.constexpr,
+             GPU: tl.constexpr):
+    """Σ_j [w[r, j] ·] y[r, j, :] in fp32 for j = 0 .. COUNT-1 in order, over rows r [BLOCK_R] < R and cols
+    [BLOCK_D] < H of y [R, COUNT, H] (rows stride_y apart, unit stride within), w [R, COUNT] fp32 (rows stride_w
+    apart) → [BLOCK_R, BLOCK_D] fp32, not rounded. Routed: each product y · w rounded, then added in pair order, as
+    `.view(N, k, H).sum(1)` over the weighted rows; dense: the J fp32 parts, as one GEMM's accumulation would be."""
+    rmask = rows < R
+    mask = rmask[:, None] & (cols < H)[None, :]
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for j in range(COUNT):
+        y = tl.load(y_ptr + rows[:, None] * stride_y + j * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            y = mul_rn(y, tl.load(w_ptr + rows * stride_w + j, mask=rmask, other=0.0)[:, None], GPU)
+        acc += y
+    return acc
+
+
 @triton.jit(do_not_specialize=["N"])
-def _sum_k_kernel(y_ptr, out_ptr, dense_ptr, N, H: tl.constexpr, TOP_K: tl.constexpr, DENSE_J: tl.constexpr,
-                  MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t] = Σ_j y[t·k + j] in fp32, j in order (as `.view(N, k, H).sum(1)`), cast once to out's dtype; with
-    DENSE_J > 0 also dense[t] = Σ_j y[N·k + t·DENSE_J + j], the dense MLP's fp32 parts, cast once."""
-    t = tl.program_id(0).to(tl.int64)
+def _sum_k_kernel(y_ptr, rw_ptr, parts_ptr, out_ptr, dense_ptr, N, H: tl.constexpr, TOP_K: tl.constexpr,
+                  DENSE_J: tl.constexpr, MODE: tl.constexpr, GPU: tl.constexpr, BLOCK: tl.constexpr):
+    """One token t (a [1, BLOCK] block): out[t] = Σ_j w[t, j] · y[t·k + j] (`sum_rows`), cast once to out's dtype;
+    with DENSE_J > 0 also dense[t] = Σ_j parts[t·J + j], cast once."""
+    t = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(TOP_K):
-        acc += tl.load(y_ptr + (t * TOP_K + j) * H + cols, mask=cols < H, other=0.0)
-    tl.store(out_ptr + t * H + cols, round_to(acc, MODE).to(out_ptr.dtype.element_ty), mask=cols < H)
+    out, mask = t[:, None] * H + cols[None, :], (cols < H)[None, :]
+    moe = sum_rows(y_ptr, rw_ptr, t, cols, N, H, TOP_K * H, TOP_K, TOP_K, True, GPU)
+    tl.store(out_ptr + out, round_to(moe, MODE).to(out_ptr.dtype.element_ty), mask=mask)
     if DENSE_J > 0:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in range(DENSE_J):
-            acc += tl.load(y_ptr + (N * TOP_K + t * DENSE_J + j) * H + cols, mask=cols < H, other=0.0)
-        tl.store(dense_ptr + t * H + cols, round_to(acc, MODE).to(dense_ptr.dtype.element_ty), mask=cols < H)
+        dense = sum_rows(parts_ptr, parts_ptr, t, cols, N, H, DENSE_J * H, 0, DENSE_J, False, GPU)
+        tl.store(dense_ptr + out, round_to(dense, MODE).to(dense_ptr.dtype.element_ty), mask=mask)
 
 
 class Tile(NamedTuple):
@@ -264,13 +301,16 @@ def align(idx: torch.Tensor, num_experts: int, block_m: int, kernel: bool | None
 
 def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         atomic: bool = False, block_m: int | None = None, tiles: tuple[Tile, Tile] | None = None, *,
-        dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, summed: bool = True
         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Routed experts: x [N, H] (model dtype), router weights [N, k] fp32 and indices [N, k], gate_up [E, 2I, H]
     (gate rows first), down [E, H, I] → [N, H] in x's dtype. Drop-in for `Experts.forward(x, weights, idx)`.
     `dense` = (x_dense [N, H], gate_up_d [2·Id, H] (gate rows, then up), down_d [H, Id]) with Id a multiple of I
     adds the layer's dense MLP as Id / I pseudo-experts in the same two launches and returns (moe, dense).
-    `block_m` and `tiles` (gate_up, down) override the defaults (the tile benchmark uses them)."""
+    `summed=False` skips the k-sum launch and returns what it would read: the routed rows [N, k, H] (x's dtype,
+    unweighted) and, with `dense`, the dense parts [N, J, H] fp32, for `ffn_tail(..., moe_weights=weights,
+    dense_parts=True)` to sum (`sum_rows`). `block_m` and `tiles` (gate_up, down) override the defaults (the tile
+    benchmark uses them)."""
     N, H = x.shape
     E, two_i, _ = gate_up.shape
     I, k = two_i // 2, idx.shape[1]
@@ -282,6 +322,8 @@ def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torc
         raise ValueError("moe: x and the expert weights need unit stride along their last dim")
     if dense is not None:
         check_dense(x, dense, I)
+    if atomic and not summed:
+        raise ValueError("moe: atomic=True sums in the down kernel; it has no unsummed rows")
     P = N * k
     bm = block_m or block_m_for(P, E)
     cuda = x.device.type == "cuda"
@@ -289,11 +331,14 @@ def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torc
     slots, block_expert = align(idx, E, bm)
     xd, gate_up_d, down_d = dense if dense is not None else (None, None, None)
     act = gate_up_launch(x, gate_up, slots, block_expert, k, bm, t_gu, dense=None if xd is None else (xd, gate_up_d))
-    out = down_launch(act, down, slots, block_expert, weights, N, bm, t_down, atomic, dense_down=down_d)
-    if atomic:
-        out = out.to(x.dtype)  # [N, H], or [2N, H] with the dense rows after the routed ones
-        return out if dense is None else (out[:N], out[N:])
-    return sum_k(out, N, k, x.dtype, dense_j=0 if down_d is None else down_d.shape[1] // I)
+    rows, parts = down_launch(act, down, slots, block_expert, weights, N, bm, t_down, atomic, dense_down=down_d)
+    if atomic:  # already summed, in fp32
+        rows, parts = rows.to(x.dtype), None if parts is None else parts.to(x.dtype)
+    else:
+        rows, parts = rows.view(N, k, H), None if parts is None else parts.view(N, down_d.shape[1] // I, H)
+        if summed:
+            rows, parts = sum_k(rows, weights, parts)
+    return rows if dense is None else (rows, parts)
 
 
 def check_dense(x: torch.Tensor, dense, I: int):
@@ -331,36 +376,41 @@ def gate_up_launch(x, gate_up, slots, block_expert, k: int, bm: int, tile: Tile,
 
 
 def down_launch(act, down, slots, block_expert, weights, N: int, bm: int, tile: Tile, atomic: bool = False,
-                dense_down=None):
-    """fp32 w_p · (act_p Wd_eᵀ): rows in pair order [N·k, H], or (atomic) summed per token into [N, H]. With
-    dense_down [H, Id] the J = Id / I dense parts follow unweighted and unrounded: rows N·k + t·J + j (or, atomic,
-    summed into rows N + t)."""
+                dense_down=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(routed, dense parts) from act_p Wd_eᵀ. Routed: the rows in pair order [N·k, H], rounded to act's dtype and
+    unweighted, or (atomic) w_p · row summed per token into [N, H] fp32. With dense_down [H, Id], the J = Id / I
+    dense parts unrounded in fp32: rows t·J + j of [N·J, H] (or, atomic, summed into [N, H]); else None."""
     E, H, I = down.shape
     k, n_blocks = weights.shape[1], block_expert.numel()
     J = dense_down.shape[1] // I if dense_down is not None else 0
-    rows = (2 * N if J else N) if atomic else N * k + N * J
-    out = torch.zeros(rows, H, dtype=torch.float32, device=act.device) if atomic else \
-        torch.empty(rows, H, dtype=torch.float32, device=act.device)
+    new = torch.zeros if atomic else torch.empty
+    out = new(N if atomic else N * k, H, dtype=torch.float32 if atomic else act.dtype, device=act.device)
+    parts = new(N if atomic else N * J, H, dtype=torch.float32, device=act.device) if J else None
     wd = dense_down if dense_down is not None else down[0]
     grid_m = n_blocks + dense_tiles(N, bm, J)
     _down_kernel[(grid_m, triton.cdiv(H, tile.n))](
-        act, down, wd, slots, block_expert, weights.reshape(-1).float(), out, N * k, E, N, n_blocks, act.stride(0),
-        down.stride(0), down.stride(1), wd.stride(0), out.stride(0), I=I, H=H, TOP_K=k, DENSE_J=J,
-        MODE=MODES[act.dtype], ATOMIC=atomic, UPCAST=act.device.type != "cuda", BLOCK_M=bm, BLOCK_N=tile.n,
-        BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages)
-    return out
+        act, down, wd, slots, block_expert, weights.reshape(-1).float(), out, out if parts is None else parts,
+        N * k, E, N, n_blocks, act.stride(0), down.stride(0), down.stride(1), wd.stride(0), out.stride(0),
+        H if parts is None else parts.stride(0), I=I, H=H, TOP_K=k, DENSE_J=J, MODE=MODES[act.dtype],
+        ATOMIC=atomic, UPCAST=act.device.type != "cuda", BLOCK_M=bm, BLOCK_N=tile.n, BLOCK_K=tile.k,
+        num_warps=tile.warps, num_stages=tile.stages)
+    return out, parts
 
 
-def sum_k(y: torch.Tensor, N: int, k: int, dtype: torch.dtype, dense_j: int = 0):
-    """[N·k, H] fp32 rows in pair order → [N, H] in `dtype`, summing each token's k rows in order. With dense_j > 0,
-    y has N·dense_j more rows (token-major) and the result is (moe [N, H], dense [N, H])."""
-    H = y.shape[1]
-    res = torch.empty(N, H, dtype=dtype, device=y.device)
-    dense = torch.empty(N, H, dtype=dtype, device=y.device) if dense_j else res
+def sum_k(rows: torch.Tensor, weights: torch.Tensor, parts: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`moe(..., summed=False)`'s output → (moe [N, H], dense [N, H] or None) in rows' dtype: each token's k routed
+    rows [N, k, H] times their router weights [N, k] (fp32) summed in order, and its J fp32 parts [N, J, H] summed."""
+    N, k, H = rows.shape
+    assert rows.is_contiguous() and (parts is None or parts.is_contiguous())
+    res = torch.empty(N, H, dtype=rows.dtype, device=rows.device)
+    dense = torch.empty_like(res) if parts is not None else None
     block = min(1024, triton.next_power_of_2(H))
-    _sum_k_kernel[(N, triton.cdiv(H, block))](y, res, dense, N, H=H, TOP_K=k, DENSE_J=dense_j, MODE=MODES[dtype],
-                                               BLOCK=block, num_warps=4 if y.is_cuda else 1)
-    return (res, dense) if dense_j else res
+    _sum_k_kernel[(N, triton.cdiv(H, block))](
+        rows, weights.float().contiguous(), rows if parts is None else parts, res, res if dense is None else dense,
+        N, H=H, TOP_K=k, DENSE_J=0 if parts is None else parts.shape[1], MODE=MODES[rows.dtype], GPU=rows.is_cuda,
+        BLOCK=block, num_warps=4 if rows.is_cuda else 1)
+    return res, dense
 
 
 def reference_moe(x, weights, idx, gate_up, down) -> torch.Tensor:

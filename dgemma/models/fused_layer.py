@@ -6,9 +6,9 @@ work is streaming 1.7 GB of weights. Here each layer is:
 
     qkv GEMM (stacked weight) → qkv_prep (q/k norms, RoPE, v norm; the canvas K/V written into the scratch slots)
     → canvas attention → o_proj GEMM → attn_residual (residual add + the dense, MoE and router input norms)
-    → router GEMM → route (softmax, top-k) → moe (routing tables, gate_up, down, k-sum; the dense MLP rides along
-    as pseudo-experts) → ffn_tail (the three post norms, residual, layer scalar and the NEXT layer's input norm;
-    after the last layer the model's final norm)
+    → router GEMM → route (softmax, top-k) → moe (routing tables, gate_up, down; the dense MLP rides along as
+    pseudo-experts) → ffn_tail (the weighted k-sum and the dense parts' sum, the three post norms, residual, layer
+    scalar and the NEXT layer's input norm; after the last layer the model's final norm)
 
 so the residual x and the normed input h of the next layer leave every layer together. Same math as
 `Layer.forward`: every rounding the eager layer makes to the model dtype is made here (each kernel's docstring
@@ -143,14 +143,28 @@ def feed_forward(layer, x: torch.Tensor, ctx: torch.Tensor, next_weight: torch.T
     weights, idx = FUSED["route"](F.linear(h_router.view(-1, H), router.proj.weight), router.per_expert_scale,
                                   router.top_k)
     gate_up = fused_weight(mlp, "gate_up")
-    if mlp.down_proj.weight.shape[1] % experts.down_proj.shape[2] == 0:  # the dense MLP as pseudo-experts
-        moe_out, dense = FUSED["moe"](h_moe.view(-1, H), weights, idx, experts.gate_up_proj, experts.down_proj,
-                                      dense=(h_dense.view(-1, H), gate_up, mlp.down_proj.weight))
-    else:  # its width is not a whole number of experts: its own GEMMs
+    experts_in = (h_moe.view(-1, H), weights, idx, experts.gate_up_proj, experts.down_proj)
+    dense_parts = dense_in_moe(layer, h_moe.numel() // H)
+    if dense_parts:  # the dense MLP as pseudo-experts: its J fp32 parts [N, J, H], unsummed
+        routed, dense = FUSED["moe"](*experts_in, dense=(h_dense.view(-1, H), gate_up, mlp.down_proj.weight),
+                                     summed=False)
+    else:  # its own GEMMs
         from dgemma.models.diffusion_gemma import gated_mlp  # (that module imports this one)
 
-        moe_out = FUSED["moe"](h_moe.view(-1, H), weights, idx, experts.gate_up_proj, experts.down_proj)
-        dense = gated_mlp(mlp, h_dense, gate_up)
-    return FUSED["ffn_tail"](x, dense.view_as(x), moe_out.view_as(x), layer.post_feedforward_layernorm_1.weight,
+        routed, dense = FUSED["moe"](*experts_in, summed=False), gated_mlp(mlp, h_dense, gate_up)
+    # routed [N, k, H], unweighted: the tail sums Σ_j w_j·y_j (and the dense parts) itself, no k-sum launch
+    return FUSED["ffn_tail"](x, dense, routed, layer.post_feedforward_layernorm_1.weight,
                              layer.post_feedforward_layernorm_2.weight, layer.post_feedforward_layernorm.weight,
-                             scalar, eps, next_weight=next_weight, scalar2=scalar2, split=split)
+                             scalar, eps, moe_weights=weights, dense_parts=dense_parts, next_weight=next_weight,
+                             scalar2=scalar2, split=split)
+
+
+DENSE_IN_MOE_MAX_TOKENS = 512  # beyond, the dense GEMMs are compute-bound and cuBLAS wins (H200, measured below)
+
+
+def dense_in_moe(layer, tokens: int) -> bool:
+    """Whether the dense MLP rides in the MoE's launches: its width a whole number of experts' (2112 = 3 × 704), and
+    at most DENSE_IN_MOE_MAX_TOKENS tokens. On an H200 (benchmarks/results/session4/micro_23fd678/moe_dense.log) it
+    saves 2.3 µs per layer at 256 tokens and 3.2 at 512, but costs 99 µs more than cuBLAS's dense GEMMs at 2,048."""
+    divides = layer.mlp.down_proj.weight.shape[1] % layer.experts.down_proj.shape[2] == 0
+    return divides and tokens <= DENSE_IN_MOE_MAX_TOKENS
