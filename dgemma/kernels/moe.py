@@ -52,7 +52,8 @@ def gelu_tanh(x):
 def _gate_up_kernel(x_ptr, w_ptr, xd_ptr, wd_ptr, slots_ptr, block_expert_ptr, act_ptr, P, E, N, n_routed,
                     stride_x, stride_we, stride_wn, stride_xd, stride_wdn, stride_a,
                     I: tl.constexpr, ID: tl.constexpr, H: tl.constexpr, TOP_K: tl.constexpr, MODE: tl.constexpr,
-                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
     e = tl.load(block_expert_ptr + b, mask=b < n_routed, other=0)
     if e >= E:  # past the last expert's tiles
@@ -84,8 +85,8 @@ def _gate_up_kernel(x_ptr, w_ptr, xd_ptr, wd_ptr, slots_ptr, block_expert_ptr, a
         bu = tl.load(w_up + k[None, :], mask=wmask, other=0.0)
         if UPCAST:
             a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        acc_g = tl.dot(a, tl.trans(bg), acc_g)
-        acc_u = tl.dot(a, tl.trans(bu), acc_u)
+        acc_g = tl.dot(a, tl.trans(bg), acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, tl.trans(bu), acc_u, input_precision=PREC)
     gate, up = round_to(acc_g, MODE), round_to(acc_u, MODE)  # the grouped GEMM's output dtype
     h = round_to(round_to(gelu_tanh(gate), MODE) * up, MODE)
     out = act_ptr + rows.to(tl.int64)[:, None] * stride_a + n[None, :]
@@ -96,8 +97,8 @@ def _gate_up_kernel(x_ptr, w_ptr, xd_ptr, wd_ptr, slots_ptr, block_expert_ptr, a
 def _down_kernel(act_ptr, w_ptr, wd_ptr, slots_ptr, block_expert_ptr, rw_ptr, out_ptr, dense_ptr, P, E, N, n_routed,
                  stride_a, stride_we, stride_wn, stride_wdn, stride_o, stride_do,
                  I: tl.constexpr, H: tl.constexpr, TOP_K: tl.constexpr, DENSE_J: tl.constexpr, MODE: tl.constexpr,
-                 ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 ATOMIC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
     e = tl.load(block_expert_ptr + b, mask=b < n_routed, other=0)
     if e >= E:
@@ -124,7 +125,7 @@ def _down_kernel(act_ptr, w_ptr, wd_ptr, slots_ptr, block_expert_ptr, rw_ptr, ou
         bw = tl.load(w_down + k[None, :], mask=(n < H)[:, None] & (k < I)[None, :], other=0.0)
         if UPCAST:
             a, bw = a.to(tl.float32), bw.to(tl.float32)
-        acc = tl.dot(a, tl.trans(bw), acc)
+        acc = tl.dot(a, tl.trans(bw), acc, input_precision=PREC)
     mask = valid[:, None] & (n < H)[None, :]
     out_row = out_row.to(tl.int64)[:, None]
     if b < n_routed:
@@ -255,6 +256,12 @@ def block_m_for(pairs: int, num_experts: int) -> int:
     return 32 if pairs / num_experts <= 24 else 64
 
 
+def precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input precision: IEEE fp32 products for fp32 models (Triton's default there is TF32, ~1e-3 relative
+    error, which an fp32 user does not expect; torch's matmuls keep TF32 off by default), the default otherwise."""
+    return "ieee" if dtype == torch.float32 else None
+
+
 def n_blocks_for(pairs: int, num_experts: int, block_m: int) -> int:
     """Static upper bound on Σ_e ceil(count_e / block_m): the grid of every kernel here."""
     return triton.cdiv(pairs, block_m) + min(num_experts, pairs)
@@ -370,8 +377,8 @@ def gate_up_launch(x, gate_up, slots, block_expert, k: int, bm: int, tile: Tile,
     _gate_up_kernel[(grid_m, triton.cdiv(I, tile.n))](
         x, gate_up, xd, gud, slots, block_expert, act, N * k, E, N, n_blocks, x.stride(0), gate_up.stride(0),
         gate_up.stride(1), xd.stride(0), gud.stride(0), act.stride(0), I=I, ID=Id, H=H, TOP_K=k,
-        MODE=MODES[x.dtype], UPCAST=x.device.type != "cuda", BLOCK_M=bm, BLOCK_N=tile.n, BLOCK_K=tile.k,
-        num_warps=tile.warps, num_stages=tile.stages)
+        MODE=MODES[x.dtype], UPCAST=x.device.type != "cuda", PREC=precision(x.dtype), BLOCK_M=bm, BLOCK_N=tile.n,
+        BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages)
     return act
 
 
@@ -392,8 +399,8 @@ def down_launch(act, down, slots, block_expert, weights, N: int, bm: int, tile: 
         act, down, wd, slots, block_expert, weights.reshape(-1).float(), out, out if parts is None else parts,
         N * k, E, N, n_blocks, act.stride(0), down.stride(0), down.stride(1), wd.stride(0), out.stride(0),
         H if parts is None else parts.stride(0), I=I, H=H, TOP_K=k, DENSE_J=J, MODE=MODES[act.dtype],
-        ATOMIC=atomic, UPCAST=act.device.type != "cuda", BLOCK_M=bm, BLOCK_N=tile.n, BLOCK_K=tile.k,
-        num_warps=tile.warps, num_stages=tile.stages)
+        ATOMIC=atomic, UPCAST=act.device.type != "cuda", PREC=precision(act.dtype), BLOCK_M=bm, BLOCK_N=tile.n,
+        BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages)
     return out, parts
 
 
