@@ -219,10 +219,13 @@ def test_only_the_cuda_fast_path_fuses(tiny_ckpt, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_fused_logits_match():
-    """bf16 on CUDA (compiled blocks if the process configured them): stacked vs separate GEMMs."""
+def test_cuda_bf16_fused_logits_match(monkeypatch):
+    """bf16 on CUDA (compiled blocks if the process configured them): stacked vs separate GEMMs, both through the
+    per-op layers (the fused layer, which needs the stacking, is compared in tests/test_fused_layer.py)."""
     from dgemma.benchmark import random_model
+    from dgemma.models import fused_layer
 
+    monkeypatch.setattr(fused_layer, "FUSED", {})
     model = random_model("tiny", "cuda", torch.bfloat16)
     args, B, L, C = model.args, 2, 300, model.args.canvas_length
     g = torch.Generator("cuda").manual_seed(0)
