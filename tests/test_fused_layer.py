@@ -130,3 +130,13 @@ def test_cuda_bf16_fused_layer_is_as_close_to_fp32_as_the_per_op_layers():
     err = {name: float((x - r32).norm() / r32.norm()) for name, x in (("per_op", per_op), ("fused", fused))}
     assert err["fused"] <= 1.5 * err["per_op"] + 1e-3, err
 
+
+
+def test_dense_mlp_rides_in_the_moe_only_for_small_passes(tiny_ckpt):
+    """Up to DENSE_IN_MOE_MAX_TOKENS tokens the dense MLP runs as pseudo-experts (cheaper at batch 1-2); beyond, its
+    own GEMMs (cuBLAS is faster once they are compute-bound); never when its width is not a multiple of an expert's."""
+    a = LLM(tiny_ckpt("a"), device="cpu").model.layers[0]  # dense 96 = 3 × 32
+    b = LLM(tiny_ckpt("b"), device="cpu").model.layers[0]  # dense 64, experts 24
+    limit = fused_layer.DENSE_IN_MOE_MAX_TOKENS
+    assert fused_layer.dense_in_moe(a, limit) and not fused_layer.dense_in_moe(a, limit + 1)
+    assert not fused_layer.dense_in_moe(b, 16)
