@@ -70,10 +70,10 @@ def fast_layer(model, i: int, x, cos, sin, cache: KVCache, role: str, pos=None):
 
 
 def summary(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    cos = [agreement(a, b)["cosine"] for a, b in pairs]
-    rows = [agreement(a, b)["min_row_cosine"] for a, b in pairs]
+    stats = [agreement(a, b) for a, b in pairs]
+    cos = [s["cosine"] for s in stats]
     return {"min_cosine": min(cos), "mean_cosine": sum(cos) / len(cos), "worst_layer": cos.index(min(cos)),
-            "min_row_cosine": min(rows)}
+            "min_row_cosine": min(s["min_row_cosine"] for s in stats)}
 
 
 def per_layer(model, cache: KVCache, ref_cache: KVCache, dec1, enc, dec3, pos1, enc_pos, pos2) -> dict:

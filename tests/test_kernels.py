@@ -282,6 +282,11 @@ def moe_case(N, E, k, H, I, dtype, device, seed=0):
     return x, weights.to(device), idx.to(device), gate_up, down
 
 
+def real_moe_case(tokens: int):
+    """26B-A4B's experts (128 × 704, top 8, hidden 2816) in bf16 on CUDA, seeded by the token count."""
+    return moe_case(N=tokens, E=128, k=8, H=2816, I=704, dtype=torch.bfloat16, device="cuda", seed=tokens)
+
+
 def model_experts(gate_up: torch.Tensor, down: torch.Tensor):
     from types import SimpleNamespace
 
@@ -457,8 +462,7 @@ def test_moe_dense_real_shape_cuda(tokens, atomic):
     from dgemma.engine.fast import capture_graph
     from dgemma.kernels.moe import reference_dense
 
-    x, weights, idx, gate_up, down = moe_case(N=tokens, E=128, k=8, H=2816, I=704, dtype=torch.bfloat16,
-                                              device="cuda", seed=tokens)
+    x, weights, idx, gate_up, down = real_moe_case(tokens)
     xd, gate_up_d, down_d = dense_case(tokens, 2816, 2112, torch.bfloat16, "cuda", seed=tokens + 1)
     with torch.no_grad():
         ref = model_experts(gate_up, down)(x, weights, idx)  # the grouped_mm path
@@ -489,8 +493,7 @@ def test_ffn_tail_unsummed_real_shape_cuda(tokens):
     from dgemma.engine.fast import capture_graph
 
     H = 2816
-    x, weights, idx, gate_up, down = moe_case(N=tokens, E=128, k=8, H=H, I=704, dtype=torch.bfloat16,
-                                              device="cuda", seed=tokens)
+    x, weights, idx, gate_up, down = real_moe_case(tokens)
     dense = dense_case(tokens, H, 2112, torch.bfloat16, "cuda", seed=tokens + 1)
     g = torch.Generator("cuda").manual_seed(tokens)
     resid = (torch.randn(1, tokens, H, device="cuda", generator=g) * 20).bfloat16()
@@ -637,8 +640,7 @@ def test_layer_norms_real_shape_cuda(tokens):
 @pytest.mark.parametrize("tokens", [256, 2048])
 @pytest.mark.parametrize("atomic", [False, True])
 def test_moe_real_shape_cuda(tokens, atomic):
-    x, weights, idx, gate_up, down = moe_case(N=tokens, E=128, k=8, H=2816, I=704, dtype=torch.bfloat16,
-                                              device="cuda", seed=tokens)
+    x, weights, idx, gate_up, down = real_moe_case(tokens)
     with torch.no_grad():
         ref = model_experts(gate_up, down)(x, weights, idx)  # the grouped_mm path
     out = moe(x, weights, idx, gate_up, down, atomic=atomic)

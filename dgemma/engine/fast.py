@@ -73,6 +73,19 @@ def fused_sampler(device: torch.device, dtype: torch.dtype):
     return SAMPLER["fused_sample"] if device.type == "cuda" and half else None
 
 
+def sample_raw(fused_sample, model, raw: torch.Tensor, temp: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
+               dtype: torch.dtype):
+    """Both steppers' fused sampling: the Triton sampler over the raw LM-head output [B, C, V] (softcap inside; per-row
+    or single temperature, Philox keys `seed`, counters `step`, advanced in place: captured, every replay draws fresh
+    noise), then one soft-embedding GEMM → sample, argmax, entropy [B, C] and soft [B, C, hidden] in `dtype`."""
+    B, C, V = raw.shape
+    sample, amax, h, probs = fused_sample(raw.view(B * C, V), temp, seed, step, probs_dtype=dtype,
+                                          softcap=model.args.final_logit_softcapping or 0.0)
+    step.add_(1)
+    soft = model.soft_from_probs(probs.view(B, C, V), dtype)  # probs already in the model dtype
+    return sample.view(B, C), amax.view(B, C), h.view(B, C), soft
+
+
 def capture_graph(fn, pool=None, generators=()) -> torch.cuda.CUDAGraph:
     """Warm `fn` up twice on a side stream (allocator, cuBLAS workspaces, torch.compile), then capture it.
     `generators`: non-default CUDA generators that `fn` draws from (registered so replays advance them)."""
@@ -237,14 +250,9 @@ class StaticStepper:
     def _sample_fused(self, logits: torch.Tensor, temp: torch.Tensor):
         """The Triton sampler: one read of the raw LM-head output (softcap inside); → sampled, argmax, accepted,
         confident [B, C]/[B], soft."""
-        B, C, V = logits.shape
-        sample, amax, h, probs = self.fused_sample(logits.view(B * C, V), temp.reshape(1), self.noise_seed,
-                                                   self.noise_step, probs_dtype=self.soft.dtype,
-                                                   softcap=self.model.args.final_logit_softcapping or 0.0)
-        self.noise_step.add_(1)  # captured: every replay draws fresh Philox noise
-        h = h.view(B, C)
-        return (sample.view(B, C), amax.view(B, C), S.accept_mask(h, self.params.entropy_bound),
-                self.stop.confident(h), self.model.soft_from_probs(probs.view(B, C, V), self.soft.dtype))
+        sample, amax, h, soft = sample_raw(self.fused_sample, self.model, logits, temp.reshape(1), self.noise_seed,
+                                           self.noise_step, self.soft.dtype)
+        return sample, amax, S.accept_mask(h, self.params.entropy_bound), self.stop.confident(h), soft
 
     def _sample_torch(self, logits: torch.Tensor, temp: torch.Tensor):
         """The torch sampler over row chunks; all exponential draws precede the renoise draw, as upstream."""
@@ -443,15 +451,11 @@ class BatchStepper:
         """The Triton sampler over every row in one call, then one soft-embedding GEMM. A row's race noise is keyed
         by its own seed and step count, so it does not depend on its batch mates (frozen rows draw too; their
         results are discarded). → sampled, argmax, accepted, confident, soft, replacement tokens."""
-        nb, C, V = raw.shape
-        sample, amax, h, probs = self.fused_sample(raw.view(nb * C, V), temp, self.row_seed[:nb],
-                                                   self.noise_step[:nb], probs_dtype=self.soft.dtype,
-                                                   softcap=self.model.args.final_logit_softcapping or 0.0)
-        self.noise_step[:nb].add_(1)  # captured: every replay draws fresh Philox noise
-        h = h.view(nb, C)
-        soft = self.model.soft_from_probs(probs.view(nb, C, V), self.soft.dtype)  # probs in the model dtype
-        return (sample.view(nb, C), amax.view(nb, C), S.accept_mask(h, self.bound[:nb, None]),
-                h.mean(dim=-1) < self.confidence[:nb], soft, self.renoise[:nb])
+        nb = raw.shape[0]
+        sample, amax, h, soft = sample_raw(self.fused_sample, self.model, raw, temp, self.row_seed[:nb],
+                                           self.noise_step[:nb], self.soft.dtype)
+        return (sample, amax, S.accept_mask(h, self.bound[:nb, None]), h.mean(dim=-1) < self.confidence[:nb], soft,
+                self.renoise[:nb])
 
     def _sample_rows(self, logits: torch.Tensor, temp: torch.Tensor):
         """The torch sampler one row at a time: its own generator, bounded [1, C, V] fp32 temporaries. Eagerly a

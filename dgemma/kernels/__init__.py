@@ -11,6 +11,8 @@ import os
 
 import torch
 
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256, 512)  # what attention.py's canvas_attention takes
+
 
 def available(device: torch.device | str) -> bool:
     """True where the Triton kernels can run: triton is installed and the device is CUDA (or, for tests, CPU

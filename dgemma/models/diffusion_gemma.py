@@ -23,6 +23,7 @@ from torch import nn
 
 from dgemma.config import ModelArgs
 from dgemma.engine.cache import KVCache
+from dgemma.kernels import ATTENTION_HEAD_DIMS
 from dgemma.models import fused_layer
 from dgemma.models.fusion import fused_weight
 from dgemma.models.rope import apply_rope, rope_inv_freq  # noqa: F401 (rope_inv_freq: part of this module's API)
@@ -41,7 +42,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 # `use_triton_kernels()` (dgemma/kernels). The defaults are the reference implementations.
 KERNELS = {"rms_norm": rms_norm, "feed_forward": None, "project": None, "canvas_attention": None,
            "cache_lengths": None, "moe": None, "route": None}
-TRITON_ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256, 512)  # what kernels/attention.py takes (tiny test models: sdpa)
+TRITON_ATTENTION_HEAD_DIMS = ATTENTION_HEAD_DIMS  # what kernels/attention.py takes (other head dims: sdpa)
 MOE_TRITON_MIN_TOKENS = 1  # the Triton MoE beats grouped_mm at every size measured, 256 to 4096 tokens (H200)
 
 

@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from dgemma.engine.cache import KVCache
+from dgemma.kernels import ATTENTION_HEAD_DIMS
 from dgemma.models.fusion import fused_weight
 
 FUSED: dict = {}  # kernel name → launcher, set by `enable`; empty = off
-ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256, 512)  # kernels/attention.py
 
 
 def enable(enabled: bool = True, *, cpu: bool = False) -> None:
-    """Turn the fused layer on (needs triton; `engine/fast.configure_cuda_kernels` calls it on CUDA). `cpu`: also
-    for CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    """Turn the fused layer on (needs triton; `diffusion_gemma.use_triton_kernels` calls it, from
+    `engine/fast.configure_cuda_kernels`). `cpu`: also for CPU tensors under TRITON_INTERPRET=1 (tests)."""
     FUSED.clear()
     if not enabled:
         return
@@ -117,8 +117,8 @@ def next_norm(model, i: int) -> torch.Tensor:
 # --- a layer's parts ------------------------------------------------------------------------------------------
 def prep(attn, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_out=None, v_out=None):
     """q [B, H, T, D], k, v [B, Hkv, T, D] from the stacked projection's output: norms and RoPE in one launch."""
-    return FUSED["qkv_prep"](qkv, cos.contiguous(), sin.contiguous(), attn.q_norm.weight, attn.k_norm.weight,
-                             attn.q_norm.eps, attn.n_heads, attn.n_kv, k_out=k_out, v_out=v_out)
+    return FUSED["qkv_prep"](qkv, cos, sin, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, attn.n_heads,
+                             attn.n_kv, k_out=k_out, v_out=v_out)  # cos/sin may be the folded pass's half views
 
 
 def decoder_context(attn, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
