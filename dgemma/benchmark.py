@@ -276,10 +276,13 @@ def _hf_generation_config(steps: int, **kw):
 
 
 def environment(device: str) -> dict:
-    """GPU, torch and the git commit (DGEMMA_COMMIT overrides it, for runs from an exported source tree)."""
+    """GPU, torch, the git commit (DGEMMA_COMMIT overrides it, for runs from an exported source tree) and any
+    DGEMMA_* switches set (they change which kernels run)."""
     commit = os.environ.get("DGEMMA_COMMIT") or _git_commit()
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "commit": commit}
+    env = {"gpu": gpu, "torch": torch.__version__, "commit": commit}
+    switches = {k: v for k, v in sorted(os.environ.items()) if k.startswith("DGEMMA_") and k != "DGEMMA_COMMIT"}
+    return env | ({"switches": switches} if switches else {})
 
 
 def _git_commit() -> str | None:
