@@ -19,8 +19,6 @@ LoRA, gradients, an unsupported head dim) takes `Layer.forward`. `DGEMMA_FUSED_L
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -41,8 +39,7 @@ def enable(enabled: bool = True, *, cpu: bool = False) -> None:
 
     FUSED.update(attention=attention.canvas_attention, cache_lengths=attention.cache_lengths,
                  qkv_prep=qkv_prep.qkv_prep, attn_residual=layer_norms.attn_residual, route=router.route,
-                 moe=moe.moe, ffn_tail=ffn_tail.ffn_tail, rms_norm=rms_norm.rms_norm, cpu=cpu,
-                 side_stream=os.environ.get("DGEMMA_SIDE_STREAM", "0") == "1")
+                 moe=moe.moe, ffn_tail=ffn_tail.ffn_tail, rms_norm=rms_norm.rms_norm, cpu=cpu)
 
 
 def active(model, x: torch.Tensor) -> bool:
@@ -143,50 +140,23 @@ def feed_forward(layer, x: torch.Tensor, ctx: torch.Tensor, next_weight: torch.T
     x, h_dense, h_moe, h_router = FUSED["attn_residual"](
         o, x, layer.post_attention_layernorm.weight, layer.pre_feedforward_layernorm.weight,
         layer.pre_feedforward_layernorm_2.weight, router.scale, router.root, eps)
-    gate_up = fused_weight(mlp, "gate_up")
-    side = side_stream(x)
-    if side is not None:  # the dense MLP's GEMMs on the side stream, beside the router, routing tables and MoE
-        main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            dense = dense_mlp(mlp, h_dense, gate_up)
     weights, idx = FUSED["route"](F.linear(h_router.view(-1, H), router.proj.weight), router.per_expert_scale,
                                   router.top_k)
+    gate_up = fused_weight(mlp, "gate_up")
     experts_in = (h_moe.view(-1, H), weights, idx, experts.gate_up_proj, experts.down_proj)
-    dense_parts = side is None and dense_in_moe(layer, h_moe.numel() // H)
+    dense_parts = dense_in_moe(layer, h_moe.numel() // H)
     if dense_parts:  # the dense MLP as pseudo-experts: its J fp32 parts [N, J, H], unsummed
         routed, dense = FUSED["moe"](*experts_in, dense=(h_dense.view(-1, H), gate_up, mlp.down_proj.weight),
                                      summed=False)
-    else:
-        routed = FUSED["moe"](*experts_in, summed=False)
-        if side is not None:
-            main.wait_stream(side)
-        else:  # its own GEMMs
-            dense = dense_mlp(mlp, h_dense, gate_up)
+    else:  # its own GEMMs
+        from dgemma.models.diffusion_gemma import gated_mlp  # (that module imports this one)
+
+        routed, dense = FUSED["moe"](*experts_in, summed=False), gated_mlp(mlp, h_dense, gate_up)
     # routed [N, k, H], unweighted: the tail sums Σ_j w_j·y_j (and the dense parts) itself, no k-sum launch
     return FUSED["ffn_tail"](x, dense, routed, layer.post_feedforward_layernorm_1.weight,
                              layer.post_feedforward_layernorm_2.weight, layer.post_feedforward_layernorm.weight,
                              scalar, eps, moe_weights=weights, dense_parts=dense_parts, next_weight=next_weight,
                              scalar2=scalar2, split=split)
-
-
-def dense_mlp(mlp, h: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    from dgemma.models.diffusion_gemma import gated_mlp  # (that module imports this one)
-
-    return gated_mlp(mlp, h, gate_up)
-
-
-def side_stream(x: torch.Tensor) -> torch.cuda.Stream | None:
-    """The stream the dense MLP runs on beside the routed experts (`DGEMMA_SIDE_STREAM=1`, CUDA only), or None.
-    Its cuBLAS GEMMs are compute-bound at a canvas's 256 rows, while the router GEMM, the route and routing-table
-    kernels are a few small latency-bound launches and the MoE streams weights: side by side they can overlap. The
-    streams fork after `attn_residual` and join before `ffn_tail` (CUDA graphs capture the fork and join)."""
-    if not FUSED.get("side_stream") or not x.is_cuda:
-        return None
-    streams = FUSED.setdefault("streams", {})
-    if x.device not in streams:
-        streams[x.device] = torch.cuda.Stream(x.device)
-    return streams[x.device]
 
 
 DENSE_IN_MOE_MAX_TOKENS = 512  # beyond, the dense GEMMs are compute-bound and cuBLAS wins (H200, measured below)
