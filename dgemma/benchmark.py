@@ -10,6 +10,10 @@ What it measures, per (precision, batch, prompt length, steps):
 - `ms_commit_pass`: the separate encoder pass over one committed canvas (`commit`, what the fold replaces);
 - `floor_ms_per_step`: bytes a step must read (every text weight: 256 tokens × top-k touch all experts; the
   embedding twice, as LM head and as self-conditioning table) / copy bandwidth measured in the same run;
+- `roofline_ms_per_step`: each GEMM and attention of the step (`step_work`) at the better of its two limits, its
+  bytes at the copy bandwidth or its FLOPs at the dense GEMM rate measured in the same run (`matmul_tflops`),
+  summed: at batch 1 most parts are bandwidth-bound and this is close to the floor; from batch ~4 the
+  projections and vocabulary GEMMs are compute-bound and this is the better lower bound;
 - tokens/s = batch × canvas / per-canvas time, with and without the prefill (one canvas per request); per canvas:
   (steps - 1) × step + first step on the fast path, steps × step + commit pass on the reference path;
 - `transformers_ms_per_step` (optional): transformers 5.23.0 on the same weights (aliased, not copied), same prompt
@@ -76,6 +80,47 @@ def step_bytes(model: DiffusionGemma) -> int:
     """Bytes one denoising step must read from memory at least: all weights, the embedding table twice."""
     w = model.embed_tokens.weight
     return sum(p.numel() * p.element_size() for p in model.parameters()) + w.numel() * w.element_size()
+
+
+def step_work(model: DiffusionGemma, batch: int, prompt_len: int) -> list[tuple[str, float, float]]:
+    """(part, bytes read, FLOPs) of one denoising step over `batch` canvases after `prompt_len` cached tokens: every
+    weight GEMM (each nn.Linear; the routed experts as one part per layer, all experts read, each token's k run;
+    the vocabulary GEMMs: self-conditioning table and LM head), and each layer's attention over the cache and the
+    canvas (K/V read, QK and PV FLOPs; sliding layers see at most the window). Norms, the sampler and other glue
+    are left out: the parts every implementation must run."""
+    args, C = model.args, model.args.canvas_length
+    T, size = batch * C, model.embed_tokens.weight.element_size()
+    V, H = model.embed_tokens.weight.shape
+    parts = [("vocab: self-conditioning table", V * H * size, 2 * T * V * H),
+             ("vocab: LM head", V * H * size, 2 * T * V * H)]
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            n = mod.weight.numel()
+            parts.append((name, n * size, 2 * T * n))
+    for i, layer in enumerate(model.layers):
+        gu, dn = layer.experts.gate_up_proj, layer.experts.down_proj
+        per_expert = gu[0].numel() + dn[0].numel()
+        parts.append((f"layers.{i}.experts", (gu.numel() + dn.numel()) * size, 2 * T * args.top_k_experts * per_expert))
+        attn = layer.self_attn
+        keys = (min(prompt_len, attn.window) if attn.sliding else prompt_len) + C
+        kv_tensors = 2 if attn.sliding else 1  # full layers use k as v
+        parts.append((f"layers.{i}.attention", batch * keys * attn.n_kv * attn.head_dim * kv_tensors * size,
+                      4 * T * attn.n_heads * attn.head_dim * keys))
+    return parts
+
+
+def roofline_ms(parts: list[tuple[str, float, float]], bandwidth: float, flops: float) -> float:
+    """Σ over parts of max(bytes / bandwidth, FLOPs / flops) in ms: each part at the better of its two limits, no
+    overlap between parts (a lower bound for an implementation that runs them one after another)."""
+    return sum(max(b / bandwidth, f / flops) for _, b, f in parts) * 1e3
+
+
+def matmul_flops(device: str, dtype: torch.dtype) -> float:
+    """Dense GEMM throughput in FLOP/s measured with torch.matmul (cuBLAS on CUDA) at 8192³ (1024³ on CPU)."""
+    n = 8192 if device.startswith("cuda") else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = time_ms(lambda: a @ b, device, reps=10 if device.startswith("cuda") else 2)
+    return 2 * n**3 / (ms / 1e3)
 
 
 def copy_bandwidth(device: str, gib: float = 2.0) -> float:
@@ -298,6 +343,7 @@ def write_results(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Pat
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(rows, indent=2) + "\n")
     cols = ["gpu", "precision", "shape", "path", "batch", "prompt_len", "steps", "ms_per_step", "floor_ms_per_step",
+            "roofline_ms_per_step",
             "ms_first_step", "ms_per_commit", "ms_commit_pass", "ttft_ms", "tok_s_excl_prefill", "tok_s_incl_prefill",
             "transformers_ms_per_step", "peak_mem_gb", "ar_tok_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

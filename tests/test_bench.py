@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from dgemma.cli.main import main
 
 REQUIRED = {"gpu", "torch", "precision", "shape", "batch", "prompt_len", "steps", "ms_per_step", "floor_ms_per_step",
+            "roofline_ms_per_step", "matmul_tflops",
             "ms_per_commit", "ttft_ms", "tok_s_excl_prefill", "tok_s_incl_prefill", "peak_mem_gb", "command",
             "commit", "path"}
 
@@ -19,6 +22,7 @@ def test_bench_writes_json_and_markdown(tmp_path):
     for r in rows:
         assert REQUIRED <= set(r), REQUIRED - set(r)
         assert r["ms_per_step"] > 0 and r["floor_ms_per_step"] > 0 and r["tok_s_excl_prefill"] > 0
+        assert r["roofline_ms_per_step"] > 0 and r["matmul_tflops"] > 0
         assert r["command"].startswith("dgemma bench ")
         if r["path"] == "fast":  # the commit pass folded into the canvas's first step, as generate runs it
             assert r["ms_first_step"] > 0 and r["ms_per_commit"] == r["ms_first_step"] - r["ms_per_step"]
@@ -72,3 +76,28 @@ def test_fastpath_check_script_runs_and_agrees_on_cpu():
     for key, stats in out["per_layer"].items():
         value = stats if key.endswith("cosine") else stats["min_cosine"]
         assert value > 0.99999, (key, stats)
+
+
+def test_step_work_counts_every_weight_once_and_scales_with_the_work():
+    """The roofline's parts (benchmark.step_work): the weight parts read every matrix once (step_bytes less the 1-D
+    norm weights and scalars), their FLOPs double with the batch, attention sees the window on sliding layers."""
+    import torch
+
+    from dgemma import benchmark as bm
+
+    model = bm.random_model("tiny", "cpu", torch.float32)
+    args, C = model.args, model.args.canvas_length
+    one, two = bm.step_work(model, 1, 16), bm.step_work(model, 2, 16)
+    vectors = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() < 2)
+    weights = [p for p in one if not p[0].endswith("attention")]
+    assert sum(b for _, b, _ in weights) == bm.step_bytes(model) - vectors
+    for (name, _, f1), (_, _, f2) in zip(one, two):
+        assert f2 == 2 * f1, name
+    long = dict((n, (b, f)) for n, b, f in bm.step_work(model, 1, 10 * args.sliding_window))
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        keys = (args.sliding_window if attn.sliding else 10 * args.sliding_window) + C
+        assert long[f"layers.{i}.attention"][1] == 4 * C * attn.n_heads * attn.head_dim * keys
+    # each part at the better of its limits: all bandwidth with infinite FLOP/s, all compute with infinite bandwidth
+    assert bm.roofline_ms(one, 1e9, float("inf")) == pytest.approx(sum(b for _, b, _ in one) / 1e9 * 1e3)
+    assert bm.roofline_ms(one, float("inf"), 1e12) == pytest.approx(sum(f for _, _, f in one) / 1e12 * 1e3)

@@ -70,11 +70,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             model, shape = bm.random_model(args.shape, device, dtype), args.shape
         floor_ms = bm.step_bytes(model) / bandwidth * 1e3
+        flops = bm.matmul_flops(device, dtype)
         common = env | {"precision": str(dtype).removeprefix("torch."), "shape": shape, "command": command,
-                        "compiled": args.compile, "triton": args.triton,
-                        "copy_bandwidth_gbs": bandwidth / 1e9, "floor_ms_per_step": floor_ms}
+                        "compiled": args.compile, "triton": args.triton, "copy_bandwidth_gbs": bandwidth / 1e9,
+                        "matmul_tflops": flops / 1e12, "floor_ms_per_step": floor_ms}
         print(f"{env['gpu']} · {common['precision']} · copy bandwidth {bandwidth / 1e9:.0f} GB/s · "
-              f"floor {floor_ms:.2f} ms/step", file=sys.stderr)
+              f"GEMM {flops / 1e12:.0f} TFLOP/s · floor {floor_ms:.2f} ms/step", file=sys.stderr)
         rows += _sweep(model, common, device, args)
         del model  # one precision's weights at a time
         if device.startswith("cuda"):
@@ -95,6 +96,9 @@ def _sweep(model, common: dict, device: str, args) -> list[dict]:
             for B in args.batch:
                 for fast in [True, False] if args.reference else [True]:
                     row = common | bm.measure(model, bm.Config(B, L, steps, fast), device, args.reps)
+                    row["roofline_ms_per_step"] = bm.roofline_ms(bm.step_work(model, B, L),
+                                                                 common["copy_bandwidth_gbs"] * 1e9,
+                                                                 common["matmul_tflops"] * 1e12)
                     if args.compare and fast:
                         row |= _compare(model, B, L, steps, device, args)
                         row["speedup_vs_transformers"] = row["transformers_ms_per_step"] / row["ms_per_step"]
@@ -130,5 +134,6 @@ def _print_row(r: dict) -> None:
     fold = (f" (folded into a {r['ms_first_step']:.2f} ms first step; separate pass {r['ms_commit_pass']:.2f} ms)"
             if r.get("ms_first_step") is not None else "")
     print(f"B={r['batch']:<3} L={r['prompt_len']:<6} S={r['steps']:<3} {r['path']:<9} "
-          f"step {r['ms_per_step']:.2f} ms (floor {r['floor_ms_per_step']:.2f}) · commit {r['ms_per_commit']:.2f} ms"
+          f"step {r['ms_per_step']:.2f} ms (floor {r['floor_ms_per_step']:.2f}, roofline "
+          f"{r['roofline_ms_per_step']:.2f}) · commit {r['ms_per_commit']:.2f} ms"
           f"{fold} · ttft {r['ttft_ms']:.1f} ms · {r['tok_s_excl_prefill']:.0f} tok/s excl. prefill{ref}", flush=True)
