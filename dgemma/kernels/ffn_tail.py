@@ -17,9 +17,16 @@ Options, all in the same launch:
   and the router weights; the dense MLP's J fp32 parts), summed here by moe.py's own `sum_rows` and rounded once,
   so the result is bit for bit that of `moe(...)` then `ffn_tail(...)` without moe's k-sum launch (nor its two
   [tokens, hidden] outputs, written there and read back here).
+
+Launch (`CUDA_LAUNCH`, by row count; `launch=` to force one): rows per program, warps, and `unroll`, how many of the
+k routed rows (and J dense parts) are loaded at once. `sum_rows`'s loop waits for each row's load before the next
+one starts; `sum_rows_unrolled` issues `unroll` of them together (more registers, the same adds in the same order).
+x is loaded first, so its load overlaps the sums and norms it is not needed for.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -27,26 +34,71 @@ import triton.language as tl
 
 from dgemma.kernels.fmath import MODES, round_to
 from dgemma.kernels.layer_norms import check_vectors
-from dgemma.kernels.moe import sum_rows
-from dgemma.kernels.rms_norm import as_rows, block_shape, normed_rows
+from dgemma.kernels.moe import mul_rn, sum_rows
+from dgemma.kernels.rms_norm import as_rows, block_shape, checked_launch, launch_for, normed_rows
+
+
+class TailLaunch(NamedTuple):
+    """ffn_tail's launch: rows per program (BLOCK_R), warps, and how many of the k routed rows (and of the J dense
+    parts) are loaded together in the sums (0: moe.py's `sum_rows` loop, one row at a time)."""
+    rows: int
+    warps: int
+    unroll: int = 0
+
+
+# Launch per (BLOCK_D, min rows) on CUDA; elsewhere, and for other widths, `block_shape`'s. Only BLOCK_R and unroll
+# may change at BLOCK_D 4096: the row sums' layout (8 warps along the row) must stay (rms_norm.py).
+CUDA_LAUNCH: dict[int, dict[int, TailLaunch]] = {4096: {0: TailLaunch(1, 8, 0)}}
+
+
+@triton.jit
+def sum_rows_unrolled(y_ptr, w_ptr, rows, cols, R, H, stride_y, stride_w, COUNT: tl.constexpr,
+                      WEIGHTED: tl.constexpr, GPU: tl.constexpr, UNROLL: tl.constexpr):
+    """moe.py's `sum_rows` (the same products and adds, j in order) with UNROLL rows' loads issued together: the
+    loop waits out one load at a time. UNROLL divides COUNT."""
+    rmask = rows < R
+    mask = rmask[:, None] & (cols < H)[None, :]
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for j0 in range(0, COUNT, UNROLL):
+        for u in tl.static_range(UNROLL):
+            y = tl.load(y_ptr + rows[:, None] * stride_y + (j0 + u) * H + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            if WEIGHTED:
+                y = mul_rn(y, tl.load(w_ptr + rows * stride_w + j0 + u, mask=rmask, other=0.0)[:, None], GPU)
+            acc += y
+    return acc
+
+
+@triton.jit
+def summed(y_ptr, w_ptr, rows, cols, R, H, stride_y, stride_w, COUNT: tl.constexpr, WEIGHTED: tl.constexpr,
+           GPU: tl.constexpr, UNROLL: tl.constexpr):
+    """`sum_rows` (UNROLL 0) or `sum_rows_unrolled`: the same fp32 sum either way."""
+    if UNROLL > 0:
+        acc = sum_rows_unrolled(y_ptr, w_ptr, rows, cols, R, H, stride_y, stride_w, COUNT, WEIGHTED, GPU, UNROLL)
+    else:
+        acc = sum_rows(y_ptr, w_ptr, rows, cols, R, H, stride_y, stride_w, COUNT, WEIGHTED, GPU)
+    return acc
 
 
 @triton.jit
 def _ffn_tail_kernel(x_ptr, d_ptr, m_ptr, rw_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, s2_ptr, wn_ptr, out_ptr, next_ptr,
                      R, D, T, split, eps, stride_x, stride_d, stride_m, stride_rw, stride_o,
                      MODE: tl.constexpr, TOP_K: tl.constexpr, DENSE_J: tl.constexpr, GPU: tl.constexpr,
-                     HAS_SPLIT: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HAS_SPLIT: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                     UNROLL_K: tl.constexpr, UNROLL_J: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < D)[None, :]
     r2, c2 = rows[:, None], cols[None, :]
     cmask = cols < D
+    # x first: its load is in flight while the sums and three norms below run (issued after them, it waited alone)
+    x = tl.load(x_ptr + r2 * stride_x + c2, mask=mask, other=0.0)
     if DENSE_J > 0:  # the J fp32 parts, summed and rounded once (moe.py's k-sum launch)
-        dense = round_to(sum_rows(d_ptr, d_ptr, rows, cols, R, D, stride_d, 0, DENSE_J, False, GPU), MODE)
+        dense = round_to(summed(d_ptr, d_ptr, rows, cols, R, D, stride_d, 0, DENSE_J, False, GPU, UNROLL_J), MODE)
     else:
         dense = tl.load(d_ptr + r2 * stride_d + c2, mask=mask, other=0.0).to(tl.float32)
     if TOP_K > 0:  # Σ_j w_j · y_j over the k routed rows, rounded once
-        moe = round_to(sum_rows(m_ptr, rw_ptr, rows, cols, R, D, stride_m, stride_rw, TOP_K, True, GPU), MODE)
+        moe = round_to(summed(m_ptr, rw_ptr, rows, cols, R, D, stride_m, stride_rw, TOP_K, True, GPU, UNROLL_K), MODE)
     else:
         moe = tl.load(m_ptr + r2 * stride_m + c2, mask=mask, other=0.0).to(tl.float32)
     w1 = tl.load(w1_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -54,8 +106,7 @@ def _ffn_tail_kernel(x_ptr, d_ptr, m_ptr, rw_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, 
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     h = round_to(round_to(normed_rows(dense, w1, D, eps, True), MODE)
                  + round_to(normed_rows(moe, w2, D, eps, True), MODE), MODE)  # dense + moe
-    x = tl.load(x_ptr + r2 * stride_x + c2, mask=mask, other=0.0).to(tl.float32)
-    x = round_to(x + round_to(normed_rows(h, w, D, eps, True), MODE), MODE)
+    x = round_to(x.to(tl.float32) + round_to(normed_rows(h, w, D, eps, True), MODE), MODE)
     s = tl.zeros([BLOCK_R], tl.float32) + tl.load(s_ptr).to(tl.float32)  # one scalar per row
     if HAS_SPLIT:  # rows are [..., T, D] flattened: position rows % T
         s = tl.where(rows % T >= split, tl.load(s2_ptr).to(tl.float32), s)
@@ -70,13 +121,15 @@ def _ffn_tail_kernel(x_ptr, d_ptr, m_ptr, rw_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, 
 def ffn_tail(x: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor, w_dense: torch.Tensor, w_moe: torch.Tensor,
              w_out: torch.Tensor, layer_scalar: torch.Tensor, eps: float, *, moe_weights: torch.Tensor | None = None,
              dense_parts: bool = False, next_weight: torch.Tensor | None = None, scalar2: torch.Tensor | None = None,
-             split: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             split: int | None = None, launch: TailLaunch | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(x + N(N1(dense) + N2(moe))) * layer_scalar. x, dense, moe: [..., D] in one dtype; w_*: [D];
     layer_scalar: a 1-element tensor. With `next_weight` [D]: (out, rms_norm(out, next_weight, eps)). With
     `scalar2` (1-element tensor) and `split` (int in [0, T]): rows at position t >= split along x.shape[-2] = T
     use scalar2 instead of layer_scalar. Unsummed, as `moe(..., summed=False)` returns them (R = x's rows): with
     `moe_weights` [R, k] (fp32), moe is the routed rows [R, k, D] in x's dtype and stands for Σ_j w_j · moe[:, j];
-    with `dense_parts`, dense is [R, J, D] fp32 and stands for Σ_j dense[:, j]; each sum rounded once."""
+    with `dense_parts`, dense is [R, J, D] fp32 and stands for Σ_j dense[:, j]; each sum rounded once. `launch`
+    (a TailLaunch): force rows per program, warps and unroll (benchmarks, tests) instead of `CUDA_LAUNCH`'s."""
     D = x.shape[-1]
     if x.dtype not in MODES or moe.dtype != x.dtype or dense.dtype != (torch.float32 if dense_parts else x.dtype):
         raise ValueError("ffn_tail: x, dense and moe must share one of fp32, bf16, fp16 (dense_parts: fp32)")
@@ -102,14 +155,27 @@ def ffn_tail(x: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor, w_dense: t
     if R == 0:
         return result
     block_r, block_d, warps = block_shape(D)
+    default = TailLaunch(block_r, warps, 0)
+    if launch is None:
+        launch = launch_for(CUDA_LAUNCH, block_d, R, default) if x.is_cuda else default
+    launch = TailLaunch(*launch)  # a plain (rows, warps) Launch: no unroll
+    block_r, warps = checked_launch("ffn_tail", launch)
+    k, j = mr.shape[1] if moe_weights is not None else 0, dr.shape[1] if dense_parts else 0
     _ffn_tail_kernel[(triton.cdiv(R, block_r),)](
         xr, dr, mr, rw, w_dense, w_moe, w_out, layer_scalar, layer_scalar if scalar2 is None else scalar2,
         w_out if next_weight is None else next_weight, o, o if h_next is None else h_next.view(-1, D),
         R, D, T, 0 if split is None else split, eps, xr.stride(0), dr.stride(0), mr.stride(0), rw.stride(0),
-        o.stride(0), MODE=MODES[x.dtype], TOP_K=mr.shape[1] if moe_weights is not None else 0,
-        DENSE_J=dr.shape[1] if dense_parts else 0, GPU=x.is_cuda, HAS_SPLIT=split is not None,
-        HAS_NEXT=next_weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        o.stride(0), MODE=MODES[x.dtype], TOP_K=k, DENSE_J=j, GPU=x.is_cuda, HAS_SPLIT=split is not None,
+        HAS_NEXT=next_weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, UNROLL_K=unroll_for(k, launch.unroll),
+        UNROLL_J=unroll_for(j, launch.unroll), num_warps=warps)
     return result
+
+
+def unroll_for(count: int, unroll: int) -> int:
+    """The largest divisor of count up to `unroll` (0: the loop), so the unrolled sum covers count exactly."""
+    if unroll <= 0 or count == 0:
+        return 0
+    return max(u for u in range(1, min(unroll, count) + 1) if count % u == 0)
 
 
 def unsummed_rows(name: str, t: torch.Tensor, R: int, D: int) -> torch.Tensor:

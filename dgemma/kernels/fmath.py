@@ -1,9 +1,11 @@
 """Float helpers for kernels that must give the same results on GPU and under TRITON_INTERPRET=1.
 
 - `round_to`: the interpreter (triton 3.6) converts fp32 to bf16 by truncation, and its "rtne" mode does not carry
-  into the exponent; GPUs round to nearest even. Rounding on the bits first makes the value exactly representable,
-  so the final cast is exact everywhere and results match torch's `.to(torch.bfloat16)` bit for bit.
-- `log1p`, `expm1`, `tanh`: libdevice has them on GPU, the interpreter does not; these are accurate to a few ulps.
+  into the exponent; GPUs round to nearest even. Under the interpreter the value is rounded on its bits first, so
+  the final cast is exact; compiled, the hardware's round-to-nearest-even cast gives the same bits in fewer
+  instructions (the glue kernels are instruction-bound at batch 8). Both match torch's `.to(torch.bfloat16)`.
+- `log1p`, `expm1`, `tanh`, `gelu_tanh`: libdevice has the first three on GPU, the interpreter does not; these are
+  accurate to a few ulps. `precision`: tl.dot's input precision per dtype.
 - `log2`, `rcp` with FAST: one MUFU instruction each when compiled (lg2.approx, rcp.approx) instead of a polynomial
   or a full-precision division. The interpreter has no libdevice: there (and without FAST) they are the exact ops,
   so CPU tests still run the fast formulas built on them.
@@ -26,10 +28,12 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 @triton.jit
 def round_to(x, MODE: tl.constexpr):
     """fp32 x rounded (nearest even) to fp32 (MODE 0, no-op), bf16 (1) or fp16 (2), returned as fp32."""
-    if MODE == 1:
+    if MODE == 1 and INTERPRET:  # round on the bits (NaN kept: the carry would turn it into ±0 or ±inf)
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    elif MODE == 1:  # one cvt.rn.bf16.f32 and a shift: the same bits as the trick above, fewer instructions
+        x = x.to(tl.bfloat16).to(tl.float32)
     elif MODE == 2:
         x = x.to(tl.float16).to(tl.float32)
     return x
@@ -76,3 +80,16 @@ def rcp(x, FAST: tl.constexpr):
     else:
         y = 1.0 / x
     return y
+
+
+@triton.jit
+def gelu_tanh(x):
+    """F.gelu(x, approximate="tanh") as torch computes it in fp32."""
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (1.0 + tanh(inner))
+
+
+def precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input precision: IEEE fp32 products for fp32 models (Triton's default there is TF32, ~1e-3 relative
+    error, which an fp32 user does not expect; torch's matmuls keep TF32 off by default), the default otherwise."""
+    return "ieee" if dtype == torch.float32 else None

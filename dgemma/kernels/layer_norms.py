@@ -19,7 +19,11 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.fmath import MODES, round_to
-from dgemma.kernels.rms_norm import as_rows, block_shape, normed_rows
+from dgemma.kernels.rms_norm import Launch, as_rows, block_shape, checked_launch, launch_for, normed_rows
+
+# Launch per (BLOCK_D, min rows) on CUDA; elsewhere, and for other widths, `block_shape`'s. Only the rows per program
+# may change at BLOCK_D 4096: the row sums' layout (8 warps along the row) must stay (rms_norm.py).
+CUDA_LAUNCH: dict[int, dict[int, Launch]] = {4096: {0: Launch(1, 8)}}
 
 
 @triton.jit
@@ -56,10 +60,11 @@ def check_vectors(name: str, D: int, **vectors: torch.Tensor) -> None:
 
 
 def attn_residual(o: torch.Tensor, x: torch.Tensor, w_post_attn: torch.Tensor, w_pre_ff: torch.Tensor,
-                  w_pre_ff2: torch.Tensor, router_scale: torch.Tensor, router_root: float, eps: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  w_pre_ff2: torch.Tensor, router_scale: torch.Tensor, router_root: float, eps: float, *,
+                  launch: Launch | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_new, h_dense, h_moe, h_router), each of x's shape and dtype. o, x: [..., D] in one of fp32, bf16, fp16
-    (rows may be strided, last-dim stride 1); w_*: [D]; router_scale: [D] in x's dtype (as loaded)."""
+    (rows may be strided, last-dim stride 1); w_*: [D]; router_scale: [D] in x's dtype (as loaded). `launch`:
+    force the rows per program and warps (benchmarks, tests) instead of `CUDA_LAUNCH`'s."""
     D = x.shape[-1]
     if x.dtype not in MODES or o.dtype != x.dtype:
         raise ValueError(f"attn_residual: o ({o.dtype}) and x ({x.dtype}) must share one of fp32, bf16, fp16")
@@ -76,6 +81,9 @@ def attn_residual(o: torch.Tensor, x: torch.Tensor, w_post_attn: torch.Tensor, w
         return outs
     x_new, h_dense, h_moe, h_router = (t.view(-1, D) for t in outs)
     block_r, block_d, warps = block_shape(D)
+    if launch is None:
+        launch = launch_for(CUDA_LAUNCH, block_d, R, Launch(block_r, warps)) if x.is_cuda else Launch(block_r, warps)
+    block_r, warps = checked_launch("attn_residual", launch)
     _attn_residual_kernel[(triton.cdiv(R, block_r),)](
         orows, xr, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, x_new, h_dense, h_moe, h_router,
         R, D, eps, float(router_root), orows.stride(0), xr.stride(0), x_new.stride(0),

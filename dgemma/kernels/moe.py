@@ -26,6 +26,9 @@ Notable choices:
   sort) instead of torch's radix sort and a dozen small kernels.
 - BLOCK_M follows the tokens per expert (`block_m_for`); BLOCK_N, BLOCK_K, warps and stages are pinned per BLOCK_M
   (`CUDA_TILES`, from a measured sweep) rather than autotuned, so no process pays for tuning at start-up.
+- From TMA_MIN_PAIRS pairs up (batch 8: 2,048 tokens × top 8) the routed GEMMs run moe_tma.py's TMA-fed kernels
+  (same math; `moe(tma=)` or TmaTiles in `tiles=` choose explicitly). With dense=, atomic=True or weights TMA
+  cannot read (`tma_ok`) the pointer kernels run.
 - Under TRITON_INTERPRET=1 the tiles are upcast to fp32 before tl.dot: the interpreter multiplies bf16 tiles as
   raw uint16. On GPU the dot takes bf16 and accumulates in fp32.
 """
@@ -38,14 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.fmath import MODES, round_to, tanh
-
-
-@triton.jit
-def gelu_tanh(x):
-    """F.gelu(x, approximate="tanh") as torch computes it in fp32."""
-    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (1.0 + tanh(inner))
+from dgemma.kernels.fmath import MODES, gelu_tanh, precision, round_to
+from dgemma.kernels.moe_tma import TmaTile, down_tma_launch, gate_up_tma_launch, gather_rows, tma_ok  # noqa: F401
 
 
 @triton.jit(do_not_specialize=["N", "n_routed"])  # no recompile per token count
@@ -247,6 +244,17 @@ CUDA_TILES = {16: (Tile(64, 128, 4, 3), Tile(64, 64, 4, 4)),
               64: (Tile(64, 64, 4, 4), Tile(128, 64, 4, 4)),
               128: (Tile(128, 64, 8, 4), Tile(128, 64, 8, 4))}
 INTERPRET_TILE = Tile(32, 32, 1, 1)
+
+
+# The TMA-fed kernels (moe_tma.py) from this many pairs up: batch 8 (2,048 tokens × top 8), where a whole moe() took
+# 679 instead of 777 µs on an H200, and 1,207 instead of 1,330 at 4,096 tokens (None: never; fewer tokens not
+# measured). Their tiles per BLOCK_M: the fastest of `scripts/gpu_grouped_gemm_probe.py --tma` on an H200 at 2048 and
+# 4096 tokens (GEMMs alone, µs at 2048 / 4096; the pointer kernels at BLOCK_M 64: gate_up 445 / 727, down 287 / 483):
+# BLOCK_M 64 gate_up 421 / 717, down 217 / 364; BLOCK_M 128 gate_up 474 / 715, down 194 / 302.
+TMA_MIN_PAIRS: int | None = 2048 * 8
+CUDA_TMA_TILES = {64: (TmaTile(64, 64, 4, 4, gathered=False), TmaTile(128, 64, 4, 4)),
+                  128: (TmaTile(128, 64, 8, 3, gathered=False), TmaTile(256, 64, 8, 3, persistent=True, flatten=True))}
+INTERPRET_TMA_TILE = TmaTile(32, 32, 1, 1)
 ALIGN_KERNEL_MAX_PAIRS = 1 << 16  # routing tables from the kernel up to here (batch 32), from torch's sort beyond
 
 
@@ -254,12 +262,6 @@ def block_m_for(pairs: int, num_experts: int) -> int:
     """M-tile height from the mean rows per expert: 32 up to a mean of 24 (batch 1: 256 tokens × 8 / 128 experts =
     16), else 64 (measured faster than 16 and 128 at 256 to 4096 tokens on an H200)."""
     return 32 if pairs / num_experts <= 24 else 64
-
-
-def precision(dtype: torch.dtype) -> str | None:
-    """tl.dot's input precision: IEEE fp32 products for fp32 models (Triton's default there is TF32, ~1e-3 relative
-    error, which an fp32 user does not expect; torch's matmuls keep TF32 off by default), the default otherwise."""
-    return "ieee" if dtype == torch.float32 else None
 
 
 def n_blocks_for(pairs: int, num_experts: int, block_m: int) -> int:
@@ -308,8 +310,8 @@ def align(idx: torch.Tensor, num_experts: int, block_m: int, kernel: bool | None
 
 def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         atomic: bool = False, block_m: int | None = None, tiles: tuple[Tile, Tile] | None = None, *,
-        dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, summed: bool = True
-        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, summed: bool = True,
+        tma: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Routed experts: x [N, H] (model dtype), router weights [N, k] fp32 and indices [N, k], gate_up [E, 2I, H]
     (gate rows first), down [E, H, I] → [N, H] in x's dtype. Drop-in for `Experts.forward(x, weights, idx)`.
     `dense` = (x_dense [N, H], gate_up_d [2·Id, H] (gate rows, then up), down_d [H, Id]) with Id a multiple of I
@@ -317,7 +319,8 @@ def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torc
     `summed=False` skips the k-sum launch and returns what it would read: the routed rows [N, k, H] (x's dtype,
     unweighted) and, with `dense`, the dense parts [N, J, H] fp32, for `ffn_tail(..., moe_weights=weights,
     dense_parts=True)` to sum (`sum_rows`). `block_m` and `tiles` (gate_up, down) override the defaults (the tile
-    benchmark uses them)."""
+    benchmark uses them). `tma` picks the TMA-fed kernels' default tiles (None: from TMA_MIN_PAIRS pairs up), as do
+    TmaTiles in `tiles`; with `dense`, atomic=True or views TMA cannot read (`tma_ok`) the pointer kernels run."""
     N, H = x.shape
     E, two_i, _ = gate_up.shape
     I, k = two_i // 2, idx.shape[1]
@@ -334,7 +337,11 @@ def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torc
     P = N * k
     bm = block_m or block_m_for(P, E)
     cuda = x.device.type == "cuda"
-    t_gu, t_down = tiles or (CUDA_TILES[bm] if cuda else (INTERPRET_TILE, INTERPRET_TILE))
+    if tma is None:
+        tma = TMA_MIN_PAIRS is not None and P >= TMA_MIN_PAIRS
+    t_gu, t_down = tiles or default_tiles(bm, cuda, tma)
+    if dense is not None or atomic or not tma_ok(gate_up, down):  # the TMA kernels: routed tiles, rows, aligned views
+        t_gu, t_down = (t if isinstance(t, Tile) else d for t, d in zip((t_gu, t_down), default_tiles(bm, cuda, False)))
     slots, block_expert = align(idx, E, bm)
     xd, gate_up_d, down_d = dense if dense is not None else (None, None, None)
     act = gate_up_launch(x, gate_up, slots, block_expert, k, bm, t_gu, dense=None if xd is None else (xd, gate_up_d))
@@ -346,6 +353,14 @@ def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torc
         if summed:
             rows, parts = sum_k(rows, weights, parts)
     return rows if dense is None else (rows, parts)
+
+
+def default_tiles(bm: int, cuda: bool, tma: bool) -> tuple[Tile | TmaTile, Tile | TmaTile]:
+    """(gate_up, down) launches: with tma CUDA_TMA_TILES[bm] (CUDA_TILES[bm] where it has none), else CUDA_TILES[bm];
+    the interpreter's small tiles on CPU."""
+    if not cuda:
+        return (INTERPRET_TMA_TILE,) * 2 if tma else (INTERPRET_TILE,) * 2
+    return CUDA_TMA_TILES.get(bm, CUDA_TILES[bm]) if tma else CUDA_TILES[bm]
 
 
 def check_dense(x: torch.Tensor, dense, I: int):
@@ -364,9 +379,15 @@ def dense_tiles(N: int, bm: int, dense_j: int) -> int:
     return dense_j * triton.cdiv(N, bm)
 
 
-def gate_up_launch(x, gate_up, slots, block_expert, k: int, bm: int, tile: Tile, dense=None) -> torch.Tensor:
+def gate_up_launch(x, gate_up, slots, block_expert, k: int, bm: int, tile: Tile | TmaTile, dense=None
+                   ) -> torch.Tensor:
     """act [(n_blocks + dense tiles)·bm, I] (x's dtype) = gelu(x_t Wg_eᵀ) · (x_t Wu_eᵀ) for every routed pair, in
-    slot order, then (dense = (x_dense, gate_up_d)) every token × dense pseudo-expert, tile by tile."""
+    slot order, then (dense = (x_dense, gate_up_d)) every token × dense pseudo-expert, tile by tile. A TmaTile runs
+    `gate_up_tma_launch` (routed rows only)."""
+    if isinstance(tile, TmaTile):
+        if dense is not None:
+            raise ValueError("gate_up_launch: the TMA kernel has no dense tiles")
+        return gate_up_tma_launch(x, gate_up, slots, block_expert, k, bm, tile)
     N, H = x.shape
     E, two_i, _ = gate_up.shape
     I, n_blocks = two_i // 2, block_expert.numel()
@@ -382,13 +403,18 @@ def gate_up_launch(x, gate_up, slots, block_expert, k: int, bm: int, tile: Tile,
     return act
 
 
-def down_launch(act, down, slots, block_expert, weights, N: int, bm: int, tile: Tile, atomic: bool = False,
-                dense_down=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def down_launch(act, down, slots, block_expert, weights, N: int, bm: int, tile: Tile | TmaTile,
+                atomic: bool = False, dense_down=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(routed, dense parts) from act_p Wd_eᵀ. Routed: the rows in pair order [N·k, H], rounded to act's dtype and
     unweighted, or (atomic) w_p · row summed per token into [N, H] fp32. With dense_down [H, Id], the J = Id / I
-    dense parts unrounded in fp32: rows t·J + j of [N·J, H] (or, atomic, summed into [N, H]); else None."""
+    dense parts unrounded in fp32: rows t·J + j of [N·J, H] (or, atomic, summed into [N, H]); else None. A TmaTile
+    runs `down_tma_launch` (rows only)."""
     E, H, I = down.shape
     k, n_blocks = weights.shape[1], block_expert.numel()
+    if isinstance(tile, TmaTile):
+        if atomic or dense_down is not None:
+            raise ValueError("down_launch: the TMA kernel has no atomic mode and no dense tiles")
+        return down_tma_launch(act, down, slots, block_expert, N * k, bm, tile), None
     J = dense_down.shape[1] // I if dense_down is not None else 0
     new = torch.zeros if atomic else torch.empty
     out = new(N if atomic else N * k, H, dtype=torch.float32 if atomic else act.dtype, device=act.device)

@@ -9,9 +9,18 @@ rounded to x's dtype, then optionally `residual + y` rounded again: exactly the 
 Rows of short dims (q/k norms: 256 or 512) are packed BLOCK_R to a program. `(...)^-0.5` is 1 / sqrt with IEEE
 rounding (the reference uses pow); the two can differ in the last fp32 bit, so bf16 outputs may differ by one
 unit in the last place, rarely.
+
+Launch shapes (`Launch`, `launch_for`): the row kernels in layer_norms.py, ffn_tail.py and qkv_prep.py take their
+rows per program and warps from a per-module table keyed by row count (`CUDA_LAUNCH`), so a measured shape can be
+pinned per token count without touching the math. The row sum in `normed_rows` is a `tl.sum` whose fp32 order
+follows the tile's layout along the row (elements per thread, lanes, then warps; products fused into fmas), so a
+table entry may only change what leaves that layout alone: more or fewer rows per program at the same warps, or
+warps that land on the row dimension. scripts/gpu_glue_bench.py checks each candidate's bits against the default.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple, TypeVar
 
 import torch
 import triton
@@ -50,6 +59,32 @@ def block_shape(D: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps) for rows of length D: ~4K elements per program."""
     block_d = triton.next_power_of_2(D)
     return max(1, 4096 // block_d), block_d, 8 if block_d >= 2048 else 4
+
+
+class Launch(NamedTuple):
+    """One row kernel's launch: rows per program (BLOCK_R) and warps."""
+    rows: int
+    warps: int
+
+
+L = TypeVar("L", bound=tuple)
+
+
+def launch_for(table: dict[int, dict[int, L]], width: int, R: int, default: L) -> L:
+    """The launch for R rows of `width` (the kernel's row block: BLOCK_D, or the head dim) from `table`
+    {width: {min rows: Launch}}: the entry with the largest min rows <= R; `default` where the width has none."""
+    by_rows = table.get(width)
+    if not by_rows or R < min(by_rows):
+        return default
+    return by_rows[max(k for k in by_rows if k <= R)]
+
+
+def checked_launch(name: str, launch: tuple) -> Launch:
+    """(rows, warps) of a launch passed by a caller (benchmarks, tests): powers of two, at most 32 warps."""
+    rows, warps = launch[:2]
+    if rows < 1 or rows & (rows - 1) or warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"{name}: launch rows must be a power of two and warps one of 1..32, got {launch}")
+    return Launch(rows, warps)
 
 
 def as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
