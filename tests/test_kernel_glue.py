@@ -45,14 +45,16 @@ def test_checked_launch_and_unroll():
     for bad in (Launch(3, 8), Launch(0, 8), Launch(2, 3), Launch(2, 64)):
         with pytest.raises(ValueError, match="power of two"):
             checked_launch("k", bad)
-    assert [ktail.unroll_for(8, u) for u in (0, 1, 2, 3, 4, 8, 16)] == [0, 1, 2, 2, 4, 8, 8]
-    assert [ktail.unroll_for(3, u) for u in (0, 2, 3, 8)] == [0, 1, 3, 3]
-    assert ktail.unroll_for(0, 4) == 0
+    assert [ktail.unroll_for(8, u) for u in (0, 1, 2, 3, 4, 8, 16)] == [1, 1, 2, 2, 4, 8, 8]
+    assert [ktail.unroll_for(3, u) for u in (0, 2, 3, 8)] == [1, 1, 3, 3]
+    assert ktail.unroll_for(0, 4) == 1  # no rows to sum: any step
 
 
-def test_default_tables_keep_block_shape():
-    """The pinned tables start from `block_shape`'s launch: what the kernels ran before the tables existed."""
-    assert ktail.CUDA_LAUNCH[4096][0][:2] == knorms.CUDA_LAUNCH[4096][0] == Launch(*block_shape(2816)[::2])
+def test_tables_keep_the_row_sums_layout():
+    """At BLOCK_D 4096 every pinned launch keeps `block_shape`'s warps (the row sums' fp32 order follows the warps
+    along the row); qkv_prep keeps `block_shape`'s launch (its measured candidates changed bits, not kept)."""
+    for table in (ktail.CUDA_LAUNCH[4096], knorms.CUDA_LAUNCH[4096]):
+        assert 0 in table and all(launch.warps == block_shape(2816)[2] for launch in table.values())
     for D in (256, 512):
         assert kprep.CUDA_LAUNCH[D][0] == Launch(*block_shape(D)[::2])
 

@@ -197,19 +197,23 @@ def mul_rn(a, b, GPU: tl.constexpr):
 
 @triton.jit
 def sum_rows(y_ptr, w_ptr, rows, cols, R, H, stride_y, stride_w, COUNT: tl.constexpr, WEIGHTED: tl.constexpr,
-             GPU: tl.constexpr):
+             GPU: tl.constexpr, UNROLL: tl.constexpr):
     """Σ_j [w[r, j] ·] y[r, j, :] in fp32 for j = 0 .. COUNT-1 in order, over rows r [BLOCK_R] < R and cols
     [BLOCK_D] < H of y [R, COUNT, H] (rows stride_y apart, unit stride within), w [R, COUNT] fp32 (rows stride_w
     apart) → [BLOCK_R, BLOCK_D] fp32, not rounded. Routed: each product y · w rounded, then added in pair order, as
-    `.view(N, k, H).sum(1)` over the weighted rows; dense: the J fp32 parts, as one GEMM's accumulation would be."""
+    `.view(N, k, H).sum(1)` over the weighted rows; dense: the J fp32 parts, as one GEMM's accumulation would be.
+    UNROLL (divides COUNT) rows are loaded together: one at a time, each add waits out its load (ffn_tail at 2,048
+    tokens: 65 → 50 µs with 4 on an H200). The adds are the same either way."""
     rmask = rows < R
     mask = rmask[:, None] & (cols < H)[None, :]
     acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
-    for j in range(COUNT):
-        y = tl.load(y_ptr + rows[:, None] * stride_y + j * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if WEIGHTED:
-            y = mul_rn(y, tl.load(w_ptr + rows * stride_w + j, mask=rmask, other=0.0)[:, None], GPU)
-        acc += y
+    for j0 in range(0, COUNT, UNROLL):
+        for u in tl.static_range(UNROLL):
+            y = tl.load(y_ptr + rows[:, None] * stride_y + (j0 + u) * H + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            if WEIGHTED:
+                y = mul_rn(y, tl.load(w_ptr + rows * stride_w + j0 + u, mask=rmask, other=0.0)[:, None], GPU)
+            acc += y
     return acc
 
 
@@ -221,10 +225,10 @@ def _sum_k_kernel(y_ptr, rw_ptr, parts_ptr, out_ptr, dense_ptr, N, H: tl.constex
     t = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     out, mask = t[:, None] * H + cols[None, :], (cols < H)[None, :]
-    moe = sum_rows(y_ptr, rw_ptr, t, cols, N, H, TOP_K * H, TOP_K, TOP_K, True, GPU)
+    moe = sum_rows(y_ptr, rw_ptr, t, cols, N, H, TOP_K * H, TOP_K, TOP_K, True, GPU, 1)
     tl.store(out_ptr + out, round_to(moe, MODE).to(out_ptr.dtype.element_ty), mask=mask)
     if DENSE_J > 0:
-        dense = sum_rows(parts_ptr, parts_ptr, t, cols, N, H, DENSE_J * H, 0, DENSE_J, False, GPU)
+        dense = sum_rows(parts_ptr, parts_ptr, t, cols, N, H, DENSE_J * H, 0, DENSE_J, False, GPU, 1)
         tl.store(dense_ptr + out, round_to(dense, MODE).to(dense_ptr.dtype.element_ty), mask=mask)
 
 

@@ -13,8 +13,7 @@ slots `cache.k[layer][:, :, cap:cap + T]`), else into fresh [B, Hkv, T, D] tenso
 Notable choices:
 - Grid (row blocks of B·T, head slots): slots 0..H-1 are q heads, then Hkv k heads, then Hkv v heads, so one
   launch covers all three; a program holds BLOCK_R rows of one head (`CUDA_LAUNCH` by head dim and row count,
-  `launch=` to force one; rms_norm.py's ~4K elements by default). A q/k program loads x, cos and sin before the norm,
-  so their latencies overlap.
+  `launch=` to force one; rms_norm.py's ~4K elements by default).
 - A head's row is held as its two halves, so rotate_half(x) = (-x2, x1) costs no data movement and any even D
   works (the tiny test models have D = 10, 24, ...). The norm is `normed_rows`'s math (rms_norm.py) summed over the
   two halves: IEEE 1/sqrt of the fp32 mean square, which may differ from the model's pow(·, -0.5) in the last fp32
@@ -55,9 +54,9 @@ def _qkv_prep_kernel(x_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_pt
                      sxb, sxt, scb, sct, ssb, sst, sqb, sqt, sqh, skb, skh, skt, svb, svh, svt,
                      D: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     HALF: tl.constexpr = D // 2
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # B·T < 2^30: int32 division, int64 offsets
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     slot = tl.program_id(1)  # H q heads, Hkv k heads, Hkv v heads
-    b, t = (rows // T).to(tl.int64), (rows % T).to(tl.int64)
+    b, t = rows // T, rows % T
     cols = tl.arange(0, BLOCK_H)
     mask = (rows < R)[:, None] & (cols < HALF)[None, :]
     cmask = cols < HALF
@@ -75,14 +74,13 @@ def _qkv_prep_kernel(x_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_pt
             w1 = tl.load(kw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
             w2 = tl.load(kw_ptr + HALF + cols, mask=cmask, other=0.0).to(tl.float32)
             dst = k_ptr + b * skb + (slot - H) * skh + t * skt
-        # cos and sin loaded before the norm, in flight with x (after it, their latency came on top)
+        y1, y2 = _normed_halves(x1, x2, w1, w2, D, eps, True, MODE)
         c = cos_ptr + (b * scb + t * sct)[:, None] + cols[None, :]
         s = sin_ptr + (b * ssb + t * sst)[:, None] + cols[None, :]
         c1 = tl.load(c, mask=mask, other=0.0).to(tl.float32)
         c2 = tl.load(c + HALF, mask=mask, other=0.0).to(tl.float32)
         s1 = tl.load(s, mask=mask, other=0.0).to(tl.float32)
         s2 = tl.load(s + HALF, mask=mask, other=0.0).to(tl.float32)
-        y1, y2 = _normed_halves(x1, x2, w1, w2, D, eps, True, MODE)
         # x·cos + rotate_half(x)·sin with rotate_half(x) = (-x2, x1); each product and the sum rounded, as eager
         o1 = round_to(round_to(y1 * c1, MODE) - round_to(y2 * s1, MODE), MODE)
         o2 = round_to(round_to(y2 * c2, MODE) + round_to(y1 * s2, MODE), MODE)
@@ -145,8 +143,6 @@ def qkv_prep(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: 
     v = _destination(v_out, "v_out", qkv, (B, n_kv, T, D))
     if B * T == 0:
         return q.transpose(1, 2), k, v
-    if B * T >= 2**30:  # row indices, their last block's included, stay int32
-        raise ValueError(f"qkv_prep: B·T = {B * T} rows, more than the kernel indexes (2^30)")
     block_r, block_d, warps = block_shape(D)
     if launch is None:
         default = Launch(block_r, warps)
