@@ -26,7 +26,7 @@ Notable choices:
   sort) instead of torch's radix sort and a dozen small kernels.
 - BLOCK_M follows the tokens per expert (`block_m_for`); BLOCK_N, BLOCK_K, warps and stages are pinned per BLOCK_M
   (`CUDA_TILES`, from a measured sweep) rather than autotuned, so no process pays for tuning at start-up.
-- From TMA_MIN_PAIRS pairs up (batch 8: 2,048 tokens × top 8) the routed GEMMs run moe_tma.py's TMA-fed kernels
+- From TMA_MIN_PAIRS pairs up (batch 4: 1,024 tokens × top 8) the routed GEMMs run moe_tma.py's TMA-fed kernels
   (same math; `moe(tma=)` or TmaTiles in `tiles=` choose explicitly). With dense=, atomic=True or weights TMA
   cannot read (`tma_ok`) the pointer kernels run.
 - Under TRITON_INTERPRET=1 the tiles are upcast to fp32 before tl.dot: the interpreter multiplies bf16 tiles as
@@ -250,12 +250,14 @@ CUDA_TILES = {16: (Tile(64, 128, 4, 3), Tile(64, 64, 4, 4)),
 INTERPRET_TILE = Tile(32, 32, 1, 1)
 
 
-# The TMA-fed kernels (moe_tma.py) from this many pairs up: batch 8 (2,048 tokens × top 8), where a whole moe() took
-# 679 instead of 777 µs on an H200, and 1,207 instead of 1,330 at 4,096 tokens (None: never; fewer tokens not
-# measured). Their tiles per BLOCK_M: the fastest of `scripts/gpu_grouped_gemm_probe.py --tma` on an H200 at 2048 and
+# The TMA-fed kernels (moe_tma.py) from this many pairs up: batch 4 (1,024 tokens × top 8; None: never). On an H200
+# a whole moe() took 679 instead of 777 µs at 2,048 tokens and 1,207 instead of 1,330 at 4,096; the GEMMs alone at
+# 1,024 tokens 295 + 153 instead of 306 + 178 µs, at 512 267 + 134 instead of 274 + 144 (benchmarks/results/session5/
+# probe_704d284), but up to 512 tokens the dense MLP rides in the pointer kernels (fused_layer.dense_in_moe), which
+# is worth more. Tiles per BLOCK_M: the fastest of `scripts/gpu_grouped_gemm_probe.py --tma` on an H200 at 2048 and
 # 4096 tokens (GEMMs alone, µs at 2048 / 4096; the pointer kernels at BLOCK_M 64: gate_up 445 / 727, down 287 / 483):
 # BLOCK_M 64 gate_up 421 / 717, down 217 / 364; BLOCK_M 128 gate_up 474 / 715, down 194 / 302.
-TMA_MIN_PAIRS: int | None = 2048 * 8
+TMA_MIN_PAIRS: int | None = 1024 * 8
 CUDA_TMA_TILES = {64: (TmaTile(64, 64, 4, 4, gathered=False), TmaTile(128, 64, 4, 4)),
                   128: (TmaTile(128, 64, 8, 3, gathered=False), TmaTile(256, 64, 8, 3, persistent=True, flatten=True))}
 INTERPRET_TMA_TILE = TmaTile(32, 32, 1, 1)

@@ -1,4 +1,4 @@
-"""The routed experts' two GEMMs fed by TMA (tensor descriptors), for big passes (batch >= 8 by default).
+"""The routed experts' two GEMMs fed by TMA (tensor descriptors), for big passes (batch >= 4 by default).
 
 Same math, roundings and layouts as moe.py's pointer kernels (`_gate_up_kernel`, `_down_kernel`; routed tiles only,
 no dense pseudo-experts, no atomic mode): moe.py picks these from `TMA_MIN_PAIRS` pairs up (`moe(..., tma=)`).
