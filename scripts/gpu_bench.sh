@@ -18,7 +18,9 @@ for set in ${BENCH_SETS:-compare sweep long}; do
     long)     timeout 400 $B --batch 1 8 --prompt-len 4096 32768 --steps 16 --reps 3 2>&1 | tee $OUT/long.log ;;
     eager)    timeout 400 $B --batch 1 8 16 --prompt-len 512 --steps 16 --no-compile --no-triton 2>&1 | tee $OUT/eager.log ;;
     ar)       timeout 200 $B --batch 1 --prompt-len 512 --steps 16 --ar 2>&1 | tee $OUT/ar.log ;;
-    tests)    DGEMMA_COMPILE=0 timeout 300 python3 -m pytest -q -m gpu tests -k "not compiled_kernels" 2>&1 | tail -30 | tee $OUT/gpu_tests.txt ;;
+    tests)    DGEMMA_COMPILE=0 timeout 590 python3 -m pytest -q -rf -m gpu tests -k "not compiled_kernels" \
+                --ignore=tests/test_serve.py --ignore=tests/test_serve_browser.py --ignore=tests/test_serve_schema.py \
+                2>&1 | tail -30 | tee $OUT/gpu_tests.txt ;;  # > 400 s on an H200 (session 5); serve tests need httpx
     micro)    timeout 100 python3 scripts/gpu_sampler_bench.py --out $OUT/sampler.json 2>&1 | tee $OUT/sampler.log
               timeout 150 python3 scripts/gpu_linear_bench.py --rows 256 512 --out $OUT/linear.json 2>&1 | tee $OUT/linear.log
               timeout 100 python3 scripts/gpu_moe_bench.py --dense --out $OUT/moe_dense.json 2>&1 | tee $OUT/moe_dense.log
