@@ -58,6 +58,7 @@ def random_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> 
     args = ModelArgs(**SHAPES[shape])
     with torch.device("meta"):
         model = DiffusionGemma(args)
+    check_room(model, shape, device, dtype)
     g = torch.Generator(device).manual_seed(seed)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.endswith(("_inv_freq", "embed_scale")):
@@ -80,6 +81,34 @@ def step_bytes(model: DiffusionGemma) -> int:
     """Bytes one denoising step must read from memory at least: all weights, the embedding table twice."""
     w = model.embed_tokens.weight
     return sum(p.numel() * p.element_size() for p in model.parameters()) + w.numel() * w.element_size()
+
+
+def check_room(model: DiffusionGemma, shape: str, device: str, dtype: torch.dtype) -> None:
+    """Raise a ValueError naming the sizes when `device` has no room for the random weights (plus the largest fp32
+    tensor drawn before its cast), instead of an out-of-memory crash partway (or, on the CPU, the OOM killer)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    params = list(model.parameters())
+    need = sum(p.numel() for p in params) * size + max(p.numel() for p in params) * 4
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"random {shape} weights need {need / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')} "
+                         f"on {device}, which has {free / 1e9:.1f} GB free: use a device with more memory, "
+                         f"--shape tiny, or free some memory")
+
+
+def free_memory(device: str) -> int | None:
+    """Free bytes on a CUDA device, or the host's available memory for the CPU (Linux); None if unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def step_work(model: DiffusionGemma, batch: int, prompt_len: int) -> list[tuple[str, float, float]]:

@@ -59,6 +59,18 @@ def test_bench_rejects_bad_values(capsys):
     assert "invalid choice: 'huge'" in capsys.readouterr().err
 
 
+def test_bench_says_when_the_weights_do_not_fit(capsys, monkeypatch):
+    """The real shape on a machine without room for it: a one-line error with the sizes and what to do, exit 1,
+    before any weight is allocated."""
+    from dgemma import benchmark as bm
+
+    monkeypatch.setattr(bm, "free_memory", lambda device: 8 * 10**9)
+    rc = main(["bench", "--random-weights", "--shape", "26b-a4b", "--device", "cpu", "--out", "unused"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "random 26b-a4b weights need 53.5 GB in bfloat16 on cpu, which has 8.0 GB free" in err, err
+    assert "--shape tiny" in err
+
+
 def test_fastpath_check_script_runs_and_agrees_on_cpu():
     """scripts/gpu_fastpath_check.py (the real-shape bf16 check on a GPU) on the tiny shape in fp32: the static
     path's passes, self-conditioning and the folded commit agree with the reference ops."""
