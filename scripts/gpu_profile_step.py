@@ -17,7 +17,8 @@ from dgemma.engine.cache import KVCache
 from dgemma.engine.fast import StaticStepper
 
 # kernel-name fragments → category, first match wins
-CATEGORIES = [("moe (triton)", ("_gate_up_kernel", "_down_kernel", "_align_kernel", "_sum_k_kernel")),
+CATEGORIES = [("moe (triton)", ("_gate_up_kernel", "_down_kernel", "_gate_up_tma_kernel", "_down_tma_kernel",
+                                "_gather_kernel", "_align_kernel", "_sum_k_kernel")),
               ("attention (triton)", ("_canvas_attn", "_merge_kernel")),
               ("sampler (triton)", ("_sample", "sampler")),
               ("gemm (cuBLAS/cutlass)", ("nvjet", "gemm", "cutlass", "sm90_xmma", "grouped")),
