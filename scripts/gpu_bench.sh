@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: `dgemma bench` sweeps at the real shape (random weights), results and logs under $OUT.
-# BENCH_SETS picks what runs (space-separated): check compare sweep long eager ar tests micro profile
+# BENCH_SETS picks what runs (space-separated): check compare sweep long eager ar tests tests1 tests2 micro profile
 # (check: scripts/gpu_fastpath_check.py, the fast path's logits against the reference ops at the real shape;
 #  tests: the GPU-marked tests; micro: the kernel micro-benchmarks (sampler, projections, MoE, sliding attention);
 #  profile: where the batch-1 and batch-8 step's time goes)
@@ -21,6 +21,13 @@ for set in ${BENCH_SETS:-compare sweep long}; do
     tests)    DGEMMA_COMPILE=0 timeout 590 python3 -m pytest -q -rf -m gpu tests -k "not compiled_kernels" \
                 --ignore=tests/test_serve.py --ignore=tests/test_serve_browser.py --ignore=tests/test_serve_schema.py \
                 2>&1 | tail -30 | tee $OUT/gpu_tests.txt ;;  # > 400 s on an H200 (session 5); serve tests need httpx
+    # the same suite in two halves, for calls that also bench (each ~4 min on an H200)
+    tests1)   DGEMMA_COMPILE=0 timeout 400 python3 -m pytest -q -rf -m gpu tests/test_kernels.py \
+                tests/test_kernel_moe_tma.py tests/test_kernel_glue.py tests/test_fused_layer.py 2>&1 | tail -30 \
+                | tee $OUT/gpu_tests1.txt ;;
+    tests2)   DGEMMA_COMPILE=0 timeout 400 python3 -m pytest -q -rf -m gpu tests/test_gpu.py tests/test_fusion.py \
+                tests/test_kernel_attention.py tests/test_scheduler.py tests/test_train.py -k "not compiled_kernels" \
+                2>&1 | tail -30 | tee $OUT/gpu_tests2.txt ;;
     micro)    timeout 100 python3 scripts/gpu_sampler_bench.py --out $OUT/sampler.json 2>&1 | tee $OUT/sampler.log
               timeout 150 python3 scripts/gpu_linear_bench.py --rows 256 512 --out $OUT/linear.json 2>&1 | tee $OUT/linear.log
               timeout 100 python3 scripts/gpu_moe_bench.py --dense --out $OUT/moe_dense.json 2>&1 | tee $OUT/moe_dense.log
