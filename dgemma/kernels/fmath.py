@@ -2,9 +2,13 @@
 
 - `round_to`: the interpreter (triton 3.6) converts fp32 to bf16 by truncation, and its "rtne" mode does not carry
   into the exponent; GPUs round to nearest even. Rounding on the bits first makes the value exactly representable,
-  so the final cast is exact everywhere and results match torch's `.to(torch.bfloat16)` bit for bit. (Compiled,
-  `x.to(tl.bfloat16).to(tl.float32)` instead passed a round-trip test but changed qkv_prep's bits against torch's
-  ops on an H200 (78% equal instead of > 99%): the bit form stays.)
+  so the final cast is exact everywhere and results match torch's `.to(torch.bfloat16)` bit for bit. Compiled,
+  `x.to(tl.bfloat16).to(tl.float32)` is fewer instructions but lets LLVM narrow the fp32 ops between round trips to
+  bf16 ops and then contract them: `round(round(a·b) - round(c·d))` over bf16 inputs became one
+  `fma.rn.bf16x2(a, b, -c·d)` (sm_90 PTX), which skips the rounding of a·b that torch makes; qkv_prep then failed its
+  real-shape test on an H200 (78% of outputs equal to torch's). With `enable_fp_fusion=False` the PTX is
+  `mul.rn.bf16x2` + `sub.rn.bf16x2`, exact by the double-rounding argument, but that is not measured yet: the bit
+  form stays. It cannot be narrowed (integer ops in between).
 - `log1p`, `expm1`, `tanh`, `gelu_tanh`: libdevice has the first three on GPU, the interpreter does not; these are
   accurate to a few ulps. `precision`: tl.dot's input precision per dtype.
 - `log2`, `rcp` with FAST: one MUFU instruction each when compiled (lg2.approx, rcp.approx) instead of a polynomial
