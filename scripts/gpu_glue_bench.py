@@ -41,7 +41,7 @@ from dgemma.benchmark import SHAPES, copy_bandwidth, graph_ms, time_ms
 from dgemma.kernels import ffn_tail as ktail
 from dgemma.kernels import layer_norms as knorms
 from dgemma.kernels import qkv_prep as kprep
-from dgemma.kernels.rms_norm import Launch, block_shape, launch_for
+from dgemma.kernels.rms_norm import Launch, block_shape, pick_launch
 from dgemma.models.fused_layer import DENSE_IN_MOE_MAX_TOKENS
 
 TailLaunch = ktail.TailLaunch
@@ -151,14 +151,15 @@ def qkv_prep_case(shape: dict, tokens: int, T: int, dev: str, cold: bool, full: 
 
 def default_launch(case: Case, shape: dict, dev: str):
     """The launch the kernel picks by itself (for the report): its CUDA_LAUNCH entry or block_shape's."""
+    cuda = dev == "cuda"
     if case.kernel.startswith("qkv_prep"):
         D = int(case.kernel[len("qkv_prep"):])
         r, _, w = block_shape(D)
-        return launch_for(kprep.CUDA_LAUNCH, D, case.tokens, Launch(r, w)) if dev == "cuda" else Launch(r, w)
+        return pick_launch("qkv_prep", kprep.CUDA_LAUNCH, D, case.tokens, Launch(r, w), cuda)
     r, bd, w = block_shape(shape["hidden_size"])
     if case.kernel == "ffn_tail":
-        return launch_for(ktail.CUDA_LAUNCH, bd, case.tokens, TailLaunch(r, w)) if dev == "cuda" else TailLaunch(r, w)
-    return launch_for(knorms.CUDA_LAUNCH, bd, case.tokens, Launch(r, w)) if dev == "cuda" else Launch(r, w)
+        return pick_launch("ffn_tail", ktail.CUDA_LAUNCH, bd, case.tokens, TailLaunch(r, w), cuda)
+    return pick_launch("attn_residual", knorms.CUDA_LAUNCH, bd, case.tokens, Launch(r, w), cuda)
 
 
 def tiny_candidates(default) -> list:

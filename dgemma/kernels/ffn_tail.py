@@ -20,8 +20,7 @@ Options, all in the same launch:
 
 Launch (`CUDA_LAUNCH`, by row count; `launch=` to force one): rows per program, warps, and `unroll`, how many of the
 k routed rows (and J dense parts) are loaded at once (`sum_rows`' UNROLL: more registers, the same adds in the same
-order).
-x is loaded first, so its load overlaps the sums and norms it is not needed for.
+order). x is loaded first, so its load overlaps the sums and norms it is not needed for.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import triton.language as tl
 from dgemma.kernels.fmath import MODES, round_to
 from dgemma.kernels.layer_norms import check_vectors
 from dgemma.kernels.moe import sum_rows
-from dgemma.kernels.rms_norm import as_rows, block_shape, checked_launch, launch_for, normed_rows
+from dgemma.kernels.rms_norm import as_rows, block_shape, normed_rows, pick_launch
 
 
 class TailLaunch(NamedTuple):
@@ -128,11 +127,9 @@ def ffn_tail(x: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor, w_dense: t
     if R == 0:
         return result
     block_r, block_d, warps = block_shape(D)
-    default = TailLaunch(block_r, warps, 0)
-    if launch is None:
-        launch = launch_for(CUDA_LAUNCH, block_d, R, default) if x.is_cuda else default
-    launch = TailLaunch(*launch)  # a plain (rows, warps) Launch: no unroll
-    block_r, warps = checked_launch("ffn_tail", launch)
+    launch = pick_launch("ffn_tail", CUDA_LAUNCH, block_d, R, TailLaunch(block_r, warps), x.is_cuda, launch)
+    launch = TailLaunch(*launch)  # a plain (rows, warps) Launch passed in: no unroll
+    block_r, warps = launch.rows, launch.warps
     k, j = mr.shape[1] if moe_weights is not None else 0, dr.shape[1] if dense_parts else 0
     _ffn_tail_kernel[(triton.cdiv(R, block_r),)](
         xr, dr, mr, rw, w_dense, w_moe, w_out, layer_scalar, layer_scalar if scalar2 is None else scalar2,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.fmath import MODES, round_to
-from dgemma.kernels.rms_norm import Launch, as_rows, block_shape, checked_launch, launch_for, normed_rows
+from dgemma.kernels.rms_norm import Launch, as_rows, block_shape, normed_rows, pick_launch
 
 # Launch per (BLOCK_D, min rows) on CUDA; elsewhere, and for other widths, `block_shape`'s. Only the rows per program
 # may change at BLOCK_D 4096: the row sums' layout (8 warps along the row) must stay (rms_norm.py).
@@ -82,9 +82,7 @@ def attn_residual(o: torch.Tensor, x: torch.Tensor, w_post_attn: torch.Tensor, w
         return outs
     x_new, h_dense, h_moe, h_router = (t.view(-1, D) for t in outs)
     block_r, block_d, warps = block_shape(D)
-    if launch is None:
-        launch = launch_for(CUDA_LAUNCH, block_d, R, Launch(block_r, warps)) if x.is_cuda else Launch(block_r, warps)
-    block_r, warps = checked_launch("attn_residual", launch)
+    block_r, warps = pick_launch("attn_residual", CUDA_LAUNCH, block_d, R, Launch(block_r, warps), x.is_cuda, launch)
     _attn_residual_kernel[(triton.cdiv(R, block_r),)](
         orows, xr, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, x_new, h_dense, h_moe, h_router,
         R, D, eps, float(router_root), orows.stride(0), xr.stride(0), x_new.stride(0),

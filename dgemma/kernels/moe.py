@@ -346,8 +346,10 @@ def moe(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torc
     if tma is None:
         tma = TMA_MIN_PAIRS is not None and P >= TMA_MIN_PAIRS
     t_gu, t_down = tiles or default_tiles(bm, cuda, tma)
-    if dense is not None or atomic or not tma_ok(gate_up, down):  # the TMA kernels: routed tiles, rows, aligned views
-        t_gu, t_down = (t if isinstance(t, Tile) else d for t, d in zip((t_gu, t_down), default_tiles(bm, cuda, False)))
+    uses_tma = isinstance(t_gu, TmaTile) or isinstance(t_down, TmaTile)
+    if uses_tma and (dense is not None or atomic or not tma_ok(gate_up, down)):  # TMA: routed rows, aligned views
+        pointer = default_tiles(bm, cuda, False)
+        t_gu, t_down = (t if isinstance(t, Tile) else p for t, p in zip((t_gu, t_down), pointer))
     slots, block_expert = align(idx, E, bm)
     xd, gate_up_d, down_d = dense if dense is not None else (None, None, None)
     act = gate_up_launch(x, gate_up, slots, block_expert, k, bm, t_gu, dense=None if xd is None else (xd, gate_up_d))

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.fmath import MODES, round_to
-from dgemma.kernels.rms_norm import Launch, block_shape, checked_launch, launch_for
+from dgemma.kernels.rms_norm import Launch, block_shape, pick_launch
 
 # Launch per (head dim D, min rows B·T) on CUDA; elsewhere, and for other head dims, `block_shape`'s. A row's half
 # (D/2 = 128 or 256) fills whole lanes of one warp, so rows per program and warps only move rows between registers,
@@ -144,10 +144,7 @@ def qkv_prep(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: 
     if B * T == 0:
         return q.transpose(1, 2), k, v
     block_r, block_d, warps = block_shape(D)
-    if launch is None:
-        default = Launch(block_r, warps)
-        launch = launch_for(CUDA_LAUNCH, D, B * T, default) if qkv.is_cuda else default
-    block_r, warps = checked_launch("qkv_prep", launch)
+    block_r, warps = pick_launch("qkv_prep", CUDA_LAUNCH, D, B * T, Launch(block_r, warps), qkv.is_cuda, launch)
     _qkv_prep_kernel[(triton.cdiv(B * T, block_r), n_heads + 2 * n_kv)](
         qkv, cos, sin, q_weight, k_weight, q, k, v, B * T, T, n_heads, n_kv,
         (n_heads + n_kv if has_v else n_heads) * D, eps,

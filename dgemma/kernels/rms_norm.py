@@ -79,6 +79,16 @@ def launch_for(table: dict[int, dict[int, L]], width: int, R: int, default: L) -
     return by_rows[max(k for k in by_rows if k <= R)]
 
 
+def pick_launch(name: str, table: dict[int, dict[int, L]], width: int, R: int, default: L, cuda: bool,
+                launch: L | None = None) -> L:
+    """The launch a row kernel runs over R rows: `launch` if the caller forces one (benchmarks, tests; checked), else
+    on CUDA `table`'s entry (`launch_for`), else `default` (`block_shape`'s)."""
+    if launch is None:
+        launch = launch_for(table, width, R, default) if cuda else default
+    checked_launch(name, launch)
+    return launch
+
+
 def checked_launch(name: str, launch: tuple) -> Launch:
     """(rows, warps) of a launch passed by a caller (benchmarks, tests): powers of two, at most 32 warps."""
     rows, warps = launch[:2]
