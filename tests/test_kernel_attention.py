@@ -39,6 +39,7 @@ from dgemma.kernels.attention import (  # noqa: E402
     default_config,
     split_count,
 )
+from dgemma.kernels.attention_two_pass import INTERPRET_TWO_PASS, TwoPass, two_pass_config  # noqa: E402
 from dgemma.models.diffusion_gemma import Attention  # noqa: E402
 
 # The interpreter evaluates both sides of tl.where (exp2 of -inf - -inf in rows with no valid key yet): numpy warns.
@@ -280,6 +281,61 @@ def test_launch_parameters():
     assert split_count(512, 132, 16) == split_count(256, 132, 3) == 1  # batch 8
 
 
+# --- the two-pass kernels (attention_two_pass.py): scores, then values -----------------------------------------
+# Interpreter tiles: 16 rows × 16 keys per scores program, 8-key steps of the values loop (two per block), D in
+# 16-column chunks, the columns in 2 (or 4) parts.
+TWO_PASS = {"parts2": INTERPRET_TWO_PASS, "parts4-k16": INTERPRET_TWO_PASS._replace(v_parts=4, block_k=16)}
+TWO = [(name, layout, dtype, D) for name in TWO_PASS for layout in ("full", "ring")
+       for dtype in (torch.float32, torch.bfloat16) for D in (64, 512) if D == 512 or name == "parts2"]
+
+
+@pytest.mark.parametrize("name,layout,dtype,D", TWO, ids=[
+    f"{n}-{lay}-{'fp32' if d == torch.float32 else 'bf16'}-D{D}" for n, lay, d, D in TWO])
+def test_two_pass_matches_reference(name, layout, dtype, D):
+    """Left padding longer than a key block, rings with holes, rows straddling row blocks, unsplit and split (with
+    idle splits): as the fused kernel, against sdpa."""
+    q, k, v, pos = d512_inputs(layout, dtype) if D == 512 else make_inputs(
+        full_layout([37, 21], [0, 5], cap=45) if layout == "full" else
+        ring_layout([100, 30], cap=45, holes=[(10, 19), (3, 7)]), 2, 2, 12, D, 12, dtype)
+    for splits in (1, 3):
+        config = TWO_PASS[name]._replace(splits=splits, blocks_per_split=1)
+        check_close(canvas_attention(q, k, v, pos, config=config), q, k, v, pos)
+
+
+def test_two_pass_kv_len_bounds_the_slots_read():
+    """K/V slots >= kv_len are never loaded (NaN there stays out); kv_len is clamped to the capacity."""
+    pos = full_layout([50, 50], [0, 0], cap=50)
+    q, k, v, pos = make_inputs(pos, 8, 2, 3, 64, 9, torch.float32, seed=1)
+    kv_len = torch.tensor([19, 70], dtype=torch.int32, device=DEV)
+    k[0, :, 19:50], v[0, :, 19:50] = float("nan"), float("nan")
+    ref = attention_reference(q, k.nan_to_num(), v.nan_to_num(), pos, kv_len)
+    for splits in (1, 2):
+        out = canvas_attention(q, k, v, pos, kv_len, INTERPRET_TWO_PASS._replace(splits=splits, blocks_per_split=1))
+        assert out.isfinite().all()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_two_pass_follows_a_late_jump_of_the_max():
+    """One row's score jumps by ~43 (base 2) in a late block: the block maxima rescale exactly, in one split or
+    across two (the merge)."""
+    pos = full_layout([64, 64], [0, 0], cap=64)
+    q, k, v, pos = make_inputs(pos, 8, 2, 3, 64, 9, torch.float32, seed=2)
+    k[:, :, 50] = 30 * q[:, 0:1, 1] / q[:, 0:1, 1].pow(2).sum(-1, keepdim=True)
+    for splits in (1, 2):
+        check_close(canvas_attention(q, k, v, pos, config=INTERPRET_TWO_PASS._replace(splits=splits,
+                                                                                     blocks_per_split=1)),
+                    q, k, v, pos)
+
+
+def test_two_pass_rejects_what_it_cannot_run():
+    q, k, v, pos = make_inputs(full_layout([20], [0], cap=20), 2, 2, 4, 64, 4, torch.float32)
+    with pytest.raises(ValueError, match="no causal mode"):
+        canvas_attention(q, k, v, pos, config=INTERPRET_TWO_PASS, qpos=torch.arange(20, 24, device=DEV)[None])
+    for bad in (dict(v_parts=3), dict(block_k=24), dict(block_d=48)):
+        with pytest.raises(ValueError, match="two-pass config"):
+            canvas_attention(q, k, v, pos, config=INTERPRET_TWO_PASS._replace(**bad))
+
+
 # --- causal mode: the encoder's commit pass (Attention.encoder_static_context) -------------------------------------
 PREFETCH_SPLIT = Config(16, 16, 4, 1, splits=2, blocks_per_split=1, prefetch=True)
 
@@ -493,3 +549,33 @@ def test_gpu_d512_variants(name, B, cache):
     q, k, v, pos = real_inputs(512, 2, False, cache, B)
     config = default_config(q, 2, pos.shape[1], 256, GPU_D512[name])
     check_close(canvas_attention(q, k, v, pos, config=config), q, k, v, pos)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,cache", [(1, 32768), (2, 4096), (1, 512)])
+def test_gpu_two_pass_real_shapes(B, cache):
+    """The two-pass kernels compiled at the full layers' real shape (TwoPass's defaults, splits as on the GPU)."""
+    q, k, v, pos = real_inputs(512, 2, False, cache, B)
+    config = two_pass_config(q, 2, pos.shape[1], 256, TwoPass())
+    check_close(canvas_attention(q, k, v, pos, config=config), q, k, v, pos)
+
+
+@pytest.mark.gpu
+def test_gpu_two_pass_graph_replay_follows_the_cache_length():
+    """Captured once at a short length, replayed as the cache grows and shrinks (the split count changes)."""
+    q, k, v, pos = real_inputs(512, 2, False, 32768, B=1)
+    config = two_pass_config(q, 2, pos.shape[1], 256, TwoPass())
+    kv_len = torch.tensor([300], dtype=torch.int32, device=DEV)
+    pos_now = pos.clone()
+    canvas_attention(q, k, v, pos_now, kv_len, config)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = canvas_attention(q, k, v, pos_now, kv_len, config)
+    for n in [300, 32768, 5000, 1, 17000]:
+        pos_now.copy_(full_layout([n], [0], pos.shape[1]))
+        kv_len.fill_(n)
+        q.normal_(0, 1.4 * 512**-0.25)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_close(out, q, k, v, pos_now)

@@ -39,12 +39,15 @@ Notable choices:
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from dgemma.kernels.attention_two_pass import TwoPass
 
 
 class Tile(NamedTuple):
@@ -360,7 +363,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
 
 
 def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                     kv_len: torch.Tensor | None = None, config: Config | None = None, *,
+                     kv_len: torch.Tensor | None = None, config: Config | TwoPass | None = None, *,
                      qpos: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of q [B, H, T, D] over a cache layer's k, v [B, Hkv, C + scratch, D] with slot positions pos [B, C]
     (-1 = empty) and kv_len [B] (device; slots >= kv_len are not read; None: `cache_lengths(pos)`). The scratch
@@ -371,7 +374,8 @@ def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     `.transpose(1, 2).reshape(B, T, H * D)` before o_proj is free. No host sync; safe to capture in a CUDA graph
     (make the first call, which compiles and picks the tiles, before capturing). `config` forces the launch
     parameters (tests, the bench's sweep); by default they come from `default_config` with the first tile shape
-    that fits the GPU."""
+    that fits the GPU. A `TwoPass` config, or on CUDA a long buffer of a head dim in
+    attention_two_pass.CUDA_TWO_PASS (decoder mode), runs the two-pass kernels (scores, then values) instead."""
     _check(q, k, v, pos, kv_len, qpos, window)
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
@@ -385,6 +389,19 @@ def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, H, T, D] view
     if out.numel() == 0:
         return out
+    from dgemma.kernels import attention_two_pass as two  # it imports this module
+
+    if isinstance(config, two.TwoPass):
+        if qpos is not None:
+            raise ValueError("canvas_attention: the two-pass kernels have no causal mode; pass a Config")
+        two.two_pass_launch(q, k, v, pos, kv_len, out, config)
+        return out
+    if config is None and (tp := two.two_pass_default(q, S, qpos is not None)) is not None:
+        try:
+            two.two_pass_launch(q, k, v, pos, kv_len, out, two.two_pass_config(q, n_kv, cap, scratch, tp))
+            return out
+        except triton.runtime.errors.OutOfResources:  # this GPU cannot fit the tiles: the fused kernel from now on
+            two.CUDA_TWO_PASS.pop(D, None)
     if config is not None or q.device.type != "cuda":
         _launch(q, k, v, pos, kv_len, out, config or default_config(q, n_kv, cap, scratch), *causal)
         return out

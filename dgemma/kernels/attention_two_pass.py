@@ -1,0 +1,279 @@
+"""Canvas-over-cache attention in two passes, for the full layers (D = 512) over long caches.
+
+`canvas_attention` (attention.py) sends the decoder's attention here when `two_pass_default` says so (or when given a
+`TwoPass` config); the result is the same softmax(q · Kᵀ over the valid slots) · V, with the same masks, splits and
+merge kernel.
+
+Why two passes at D = 512: a flash-attention program keeps its fp32 accumulator (rows × D) in registers, and 128 rows
+× 512 columns do not fit, so the fused kernel splits V's columns between two programs that each recompute the whole
+QKᵀ: 1.5 × the useful FLOPs, and Q (128 KB) in shared memory leaves room for 32-key blocks only (~190 useful TFLOP/s
+on an H200 at 32K keys). Here the scores are computed once:
+
+1. `_scores_kernel`, one program per (row block, key block, KV head): S = Q Kᵀ as a plain GEMM over D in BLOCK_D
+   chunks (no Q resident in shared memory, so key blocks of 128), masked like the fused kernel, then per row its
+   block maximum m, P = 2^(S·log2 e - m) and l = Σ P (fp32, before rounding). P is stored in fp16 (fp32 for fp32
+   inputs), m and l in fp32.
+2. `_values_kernel`, one program per (row block, column part, KV head, split), as the fused kernel's grid: the
+   split's maximum M = max m over its blocks, then for every key step P · 2^(m - M) is rounded to the input dtype
+   and multiplied into the accumulator of D / v_parts columns; L = Σ l · 2^(m - M). Only P is recomputed per
+   column part (a load), not QKᵀ.
+
+Rounding: the fused kernel rounds each probability once to bf16, relative to a running maximum. Here it is rounded
+to fp16 relative to its block's maximum, then scaled by 2^(m - M) <= 1 and rounded to bf16: the fp16 step keeps 3
+more bits than bf16, so the two roundings differ from one only near bf16 ties (≤ 1 bf16 ulp, in a few % of the
+probabilities); values below fp16's range (2^-24 of their block's maximum) become 0, which moves the sum by less
+than 2^-24 of its largest term.
+
+The P buffer holds every probability of the call: B · Hkv · rows · keys · 2 bytes (270 MB at batch 1 with 32K
+slots), allocated per call like the split partials (inside a CUDA graph, from the graph's pool, shared by the
+layers). Under TRITON_INTERPRET=1 the loops with device-side bounds are `while` loops and dots are upcast, as in
+attention.py.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from dgemma.kernels.attention import _merge_kernel, _splits_at, split_count
+
+
+class TwoPass(NamedTuple):
+    """Both kernels' launch parameters (canvas_attention's `config=` for the two-pass path)."""
+    block_m: int = 128  # stacked query rows per program, both kernels
+    block_n: int = 128  # keys per scores program: the granularity of the stored block maxima
+    block_d: int = 64  # head-dim chunk of the scores GEMM's loop
+    s_warps: int = 8
+    s_stages: int = 3
+    v_parts: int = 2  # values programs per row block, each D / v_parts output columns
+    block_k: int = 64  # keys per step of the values loop (divides block_n)
+    v_warps: int = 8
+    v_stages: int = 3
+    splits: int = 1  # most values programs sharing a row block's keys (merged by log-sum-exp, as the fused kernel)
+    blocks_per_split: int = 2  # valid key blocks (of block_n) that justify one more split
+
+
+# CUDA defaults per head dim: the two-pass path from MIN_SLOTS cache + scratch slots up (None: never by default).
+CUDA_TWO_PASS: dict[int, tuple[int, TwoPass]] = {}
+INTERPRET_TWO_PASS = TwoPass(16, 16, 16, 1, 1, 2, 8, 1, 1)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mma_acc(a, b, acc, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b in fp32 (the interpreter multiplies upcast copies: its tl.dot misreads bf16)."""
+    if INTERPRET:
+        c = acc + tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        c = tl.dot(a, b, acc, input_precision=PREC)
+    return c
+
+
+@triton.jit
+def _block_slots(i, nb_c, n, CAP, SCRATCH, BLOCK_N: tl.constexpr, OFFSET, WIDTH: tl.constexpr):
+    """Slots OFFSET .. OFFSET + WIDTH of virtual key block i ([cache blocks 0..nb_c-1 | scratch blocks]) and whether
+    each is below its region's end (the cache's kv_len n, the scratch's end)."""
+    in_cache = i < nb_c
+    slots = tl.where(in_cache, i * BLOCK_N, CAP + (i - nb_c) * BLOCK_N) + OFFSET + tl.arange(0, WIDTH)
+    return slots, slots < tl.where(in_cache, n, CAP + SCRATCH), in_cache
+
+
+@triton.jit
+def _scores_kernel(q_ptr, k_ptr, pos_ptr, len_ptr, p_ptr, m_ptr, l_ptr, H, T, REP, CAP, SCRATCH, RP,
+                   sqb, sqh, sqt, skb, skh, skn, spb,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    # grid: (row blocks of one KV head's REP·T stacked rows, key blocks of the whole buffer, B · Hkv). Key blocks past
+    # this row's kv_len exit at once (the grid is fixed by shapes, for graphs).
+    i = tl.program_id(1)
+    bg = tl.program_id(2)
+    b = (bg // (H // REP)).to(tl.int64)
+    g = (bg % (H // REP)).to(tl.int64)
+    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), CAP), 0)
+    nb_c = tl.cdiv(n, BLOCK_N)
+    if i >= nb_c + tl.cdiv(SCRATCH, BLOCK_N):
+        return
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < REP * T
+    h = g * REP + rows // T
+    t = rows % T
+    slots, inside, in_cache = _block_slots(i, nb_c, n, CAP, SCRATCH, BLOCK_N, 0, BLOCK_N)
+    slot_pos = tl.load(pos_ptr + b * spb + slots, mask=inside & in_cache, other=0)  # scratch slots read as 0: valid
+    valid = inside & (slot_pos >= 0)
+    q_rows = q_ptr + b * sqb + h * sqh + t * sqt
+    k_rows = k_ptr + b * skb + g * skh + slots.to(tl.int64) * skn
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        qc = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+        # Loaded below kv_len, empty or not (pos masks the scores): empty cache slots must hold finite values.
+        kc = tl.load(k_rows[:, None] + d[None, :], mask=inside[:, None], other=0.0)
+        s = _mma_acc(qc, tl.trans(kc), s, PREC, INTERPRET)
+    s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))  # base 2; the scale is 1
+    m = tl.max(s, 1)
+    p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # 0 where masked, also in all-masked rows
+    at = (bg * tl.num_programs(1) + i).to(tl.int64) * RP + rows  # [B·Hkv, blocks, RP] index of the rows
+    tl.store(p_ptr + at[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], p.to(p_ptr.dtype.element_ty))
+    tl.store(m_ptr + at, m)
+    tl.store(l_ptr + at, tl.sum(p, 1))
+
+
+@triton.jit
+def _values_kernel(p_ptr, m_ptr, l_ptr, v_ptr, len_ptr, out_ptr, part_ptr, lse_ptr, H, T, REP, CAP, SCRATCH, RP, NB,
+                   SPLITS, BPS, svb, svh, svn, sob, soh, sot,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    # grid: (row blocks × D // DV column parts, B · Hkv, SPLITS), as attention.py's _canvas_attn_kernel, whose
+    # output layout (and merge) this shares.
+    bg = tl.program_id(1)
+    b = (bg // (H // REP)).to(tl.int64)
+    g = (bg % (H // REP)).to(tl.int64)
+    split = tl.program_id(2)
+    part = tl.program_id(0) % (D // DV)
+    rows = tl.program_id(0) // (D // DV) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < REP * T
+    h = g * REP + rows // T
+    t = rows % T
+    vcols = part * DV + tl.arange(0, DV)
+    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), CAP), 0)
+    nb_c, total, active = _splits_at(n, CAP, SCRATCH, BLOCK_N, SPLITS, BPS)
+    lo = tl.where(split < active, split * total // active, 0)
+    hi = tl.where(split < active, (split + 1) * total // active, 0)
+
+    ml = bg.to(tl.int64) * NB * RP + rows  # m, l of block i at ml + i · RP
+    mx = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if INTERPRET:
+        i = lo
+        while i < hi:
+            mx = tl.maximum(mx, tl.load(m_ptr + ml + i * RP))
+            i += 1
+    else:
+        for i in range(lo, hi):
+            mx = tl.maximum(mx, tl.load(m_ptr + ml + i * RP))
+    base = tl.where(mx == float("-inf"), 0.0, mx)
+
+    SUB: tl.constexpr = BLOCK_N // BLOCK_K
+    p_rows = p_ptr + ml[:, None] * BLOCK_N + tl.arange(0, BLOCK_K)[None, :]  # block i, step j at + (i·RP·BN + j·BK)
+    v_base = v_ptr + b * svb + g * svh
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if INTERPRET:
+        kk = lo * SUB
+        while kk < hi * SUB:
+            acc, den = _values_step(kk, acc, den, p_rows, m_ptr, l_ptr, ml, base, v_base, vcols, svn, nb_c, n, CAP,
+                                    SCRATCH, RP, BLOCK_N, BLOCK_K, SUB, PREC, INTERPRET)
+            kk += 1
+    else:
+        for kk in range(lo * SUB, hi * SUB):
+            acc, den = _values_step(kk, acc, den, p_rows, m_ptr, l_ptr, ml, base, v_base, vcols, svn, nb_c, n, CAP,
+                                    SCRATCH, RP, BLOCK_N, BLOCK_K, SUB, PREC, INTERPRET)
+
+    o = acc / tl.where(den == 0.0, 1.0, den)[:, None]  # den = 0 only for rows with no valid key in the split
+    out_ptrs = out_ptr + (b * sob + h * soh + t * sot)[:, None] + vcols[None, :]
+    if not SPLIT:
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    elif (active == 1) & (split == 0):  # unsplit at this length: no merge
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    elif split < active:
+        flat = ((split * (tl.num_programs(1) // (H // REP)) + b) * H + h) * T + t  # [SPLITS, B, H, T] row index
+        tl.store(part_ptr + flat[:, None] * D + vcols[None, :], o, mask=row_ok[:, None])
+        tl.store(lse_ptr + flat, mx + tl.log2(den), mask=row_ok & (part == 0))  # -inf + -inf where nothing valid
+
+
+@triton.jit
+def _values_step(kk, acc, den, p_rows, m_ptr, l_ptr, ml, base, v_base, vcols, svn, nb_c, n, CAP, SCRATCH, RP,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """Key step kk = block i · SUB + j: acc += round(P_ij · 2^(m_i - base)) @ V_ij; den += l_i · 2^(m_i - base) once
+    per block."""
+    i = kk // SUB
+    j = kk % SUB
+    f = tl.exp2(tl.load(m_ptr + ml + i * RP) - base)  # 0 for rows with nothing valid in block i (m = -inf)
+    den += tl.where(j == 0, tl.load(l_ptr + ml + i * RP) * f, 0.0)
+    p = tl.load(p_rows + (i.to(tl.int64) * RP * BLOCK_N + j * BLOCK_K))
+    slots, inside, _ = _block_slots(i, nb_c, n, CAP, SCRATCH, BLOCK_N, j * BLOCK_K, BLOCK_K)
+    v = tl.load(v_base + slots[:, None] * svn + vcols[None, :], mask=inside[:, None], other=0.0)  # [BLOCK_K, DV]
+    p = (p.to(tl.float32) * f[:, None]).to(v.dtype)
+    return _mma_acc(p, v, acc, PREC, INTERPRET), den
+
+
+# --- launcher ---------------------------------------------------------------------------------------------------
+def two_pass_default(q: torch.Tensor, slots: int, causal: bool) -> TwoPass | None:
+    """The CUDA default for q's head dim when the buffer has at least CUDA_TWO_PASS's slots (decoder mode only)."""
+    entry = CUDA_TWO_PASS.get(q.shape[3])
+    if causal or q.device.type != "cuda" or entry is None or slots < entry[0]:
+        return None
+    return entry[1]
+
+
+def two_pass_config(q: torch.Tensor, n_kv: int, cap: int, scratch: int, cfg: TwoPass | None = None) -> TwoPass:
+    """`cfg` (default: the CUDA entry for q's head dim, the interpreter's tiles on CPU) with its splits filling one
+    wave of values programs (one per SM) where the key blocks allow, as `default_config` does for the fused kernel."""
+    B, H, T, D = q.shape
+    if cfg is None:
+        cfg = CUDA_TWO_PASS[D][1] if q.device.type == "cuda" else INTERPRET_TWO_PASS
+    if q.device.type != "cuda":
+        return cfg
+    programs = triton.cdiv((H // n_kv) * T, cfg.block_m) * cfg.v_parts * B * n_kv
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    blocks = triton.cdiv(cap, cfg.block_n) + triton.cdiv(scratch, cfg.block_n)
+    return cfg._replace(splits=split_count(programs, sms, min(triton.cdiv(blocks, cfg.blocks_per_split), 16)))
+
+
+def two_pass_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor,
+                    out: torch.Tensor, cfg: TwoPass) -> None:
+    """Both passes (and the merge when split) into out [B, H, T, D]; arguments checked by canvas_attention."""
+    D = q.shape[3]
+    if D % cfg.v_parts or cfg.block_n % cfg.block_k or D % cfg.block_d:
+        raise ValueError(f"canvas_attention: two-pass config {cfg} needs v_parts and block_d dividing the head dim "
+                         f"{D} and block_k dividing block_n")
+    values_launch(scores_launch(q, k, pos, kv_len, cfg), q, v, pos, kv_len, out, cfg)
+
+
+def scores_launch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor, cfg: TwoPass
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first pass: (P [B·Hkv, blocks, rows, block_n], block maxima and sums [B·Hkv, blocks, rows] fp32), rows
+    padded to whole row blocks; blocks past kv_len are left unwritten."""
+    B, H, T, D = q.shape
+    n_kv, cap = k.shape[1], pos.shape[1]
+    scratch = k.shape[2] - cap
+    rep = H // n_kv
+    row_blocks = triton.cdiv(rep * T, cfg.block_m)
+    nb = triton.cdiv(cap, cfg.block_n) + triton.cdiv(scratch, cfg.block_n)
+    probs = torch.empty(B * n_kv, nb, row_blocks * cfg.block_m, cfg.block_n, device=q.device,
+                        dtype=torch.float32 if q.dtype == torch.float32 else torch.float16)
+    maxes = torch.empty(probs.shape[:3], dtype=torch.float32, device=q.device)
+    sums = torch.empty_like(maxes)
+    _scores_kernel[(row_blocks, nb, B * n_kv)](
+        q, k, pos, kv_len, probs, maxes, sums, H, T, rep, cap, scratch, probs.shape[2], q.stride(0), q.stride(1),
+        q.stride(2), k.stride(0), k.stride(1), k.stride(2), pos.stride(0), D=D, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PREC="ieee" if q.dtype == torch.float32 else None,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.s_warps, num_stages=cfg.s_stages)
+    return probs, maxes, sums
+
+
+def values_launch(scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor], q: torch.Tensor, v: torch.Tensor,
+                  pos: torch.Tensor, kv_len: torch.Tensor, out: torch.Tensor, cfg: TwoPass) -> None:
+    """The second pass (and the merge when split) from `scores_launch`'s output into out [B, H, T, D]."""
+    probs, maxes, sums = scores
+    B, H, T, D = q.shape
+    n_kv, cap = v.shape[1], pos.shape[1]
+    scratch = v.shape[2] - cap
+    R = B * H * T
+    part = torch.empty(cfg.splits, R, D, dtype=torch.float32, device=q.device) if cfg.splits > 1 else out
+    lse = torch.empty(cfg.splits, R, dtype=torch.float32, device=q.device) if cfg.splits > 1 else out
+    _values_kernel[(triton.cdiv((H // n_kv) * T, cfg.block_m) * cfg.v_parts, B * n_kv, cfg.splits)](
+        probs, maxes, sums, v, kv_len, out, part, lse, H, T, H // n_kv, cap, scratch, probs.shape[2],
+        probs.shape[1], cfg.splits, cfg.blocks_per_split, v.stride(0), v.stride(1), v.stride(2), out.stride(0),
+        out.stride(1), out.stride(2), D=D, DV=D // cfg.v_parts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, SPLIT=cfg.splits > 1, PREC="ieee" if q.dtype == torch.float32 else None,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.v_warps, num_stages=cfg.v_stages)
+    if cfg.splits > 1:
+        block_r = max(1, 4096 // D)
+        _merge_kernel[(triton.cdiv(R, block_r),)](
+            part, lse, kv_len, out, R, H, T, cap, scratch, cfg.blocks_per_split, out.stride(0), out.stride(1),
+            out.stride(2), D=D, BLOCK_N=cfg.block_n, SPLITS=cfg.splits, BLOCK_R=block_r, num_warps=4)
