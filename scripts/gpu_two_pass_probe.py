@@ -55,6 +55,46 @@ def tflops(B: int, prompt: int, ms: float) -> float:
     return 4 * H * T * D * B * (prompt + SCRATCH) / (ms * 1e-3) / 1e12
 
 
+def probe_shape(B: int, prompt: int, cap: int, iters: int, deadline: float) -> dict:
+    q, k, v, pos = inputs(B, prompt, cap)
+    kv_len = cache_lengths(pos)
+    ref = attention_reference(q, k, v, pos).float()
+    ref_max = ref.abs().max().item()
+    fused = graph_ms(lambda: canvas_attention(q, k, v, pos, kv_len), iters)
+    err = (canvas_attention(q, k, v, pos, kv_len).float() - ref).abs().max().item() / ref_max
+    print(f"B={B} prompt {prompt} slots {cap}: fused default {fused:.3f} ms ({tflops(B, prompt, fused):.0f} TF/s) "
+          f"rel err {err:.1e}", flush=True)
+    shape = dict(batch=B, prompt=prompt, slots=cap, fused_ms=fused, fused_rel_err=err, variants=[])
+    for name, base in VARIANTS:
+        if time.monotonic() > deadline:
+            print(f"  {name:14} skipped (budget)")
+            continue
+        cfg = two.two_pass_config(q, N_KV, cap, SCRATCH, base)
+        row = dict(name=name, config=cfg._asdict())
+        try:
+            out = canvas_attention(q, k, v, pos, kv_len, cfg)
+            row["rel_err"] = (out.float() - ref).abs().max().item() / ref_max
+            row["ms"] = graph_ms(lambda: canvas_attention(q, k, v, pos, kv_len, cfg), iters)  # noqa: B023
+            scores = two.scores_launch(q, k, pos, kv_len, cfg)
+            row["scores_ms"] = graph_ms(lambda: two.scores_launch(q, k, pos, kv_len, cfg), iters)  # noqa: B023
+            o2 = torch.empty_like(out)
+            row["values_ms"] = graph_ms(lambda: two.values_launch(scores, q, v, pos, kv_len, o2, cfg),  # noqa: B023
+                                        iters)
+            print(f"  {name:14} {row['ms']:.3f} ms ({tflops(B, prompt, row['ms']):.0f} TF/s; scores "
+                  f"{row['scores_ms']:.3f}, values {row['values_ms']:.3f}) splits {cfg.splits} "
+                  f"rel err {row['rel_err']:.1e}  x{fused / row['ms']:.2f} vs fused", flush=True)
+        except Exception as e:  # out of resources for this tile: record and go on
+            row["error"] = repr(e)[:300]
+            print(f"  {name:14} FAILED {row['error'][:150]}", flush=True)
+            torch.cuda.synchronize()
+        shape["variants"].append(row)
+    ok = [r for r in shape["variants"] if "ms" in r and r["rel_err"] < 2**-5]
+    if ok:
+        best = min(ok, key=lambda r: r["ms"])
+        print(f"  fastest: {best['name']} {best['ms']:.3f} ms vs fused {fused:.3f}", flush=True)
+    return shape
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -65,45 +105,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  D {D}  Hkv {N_KV}  H {H}  T {T}")
     rows = []
     for B, prompt, cap in SHAPES:
-        q, k, v, pos = inputs(B, prompt, cap)
-        kv_len = cache_lengths(pos)
-        ref = attention_reference(q, k, v, pos).float()
-        ref_max = ref.abs().max().item()
-        fused = graph_ms(lambda: canvas_attention(q, k, v, pos, kv_len), a.iters)  # noqa: B023
-        err = (canvas_attention(q, k, v, pos, kv_len).float() - ref).abs().max().item() / ref_max
-        print(f"B={B} prompt {prompt} slots {cap}: fused default {fused:.3f} ms ({tflops(B, prompt, fused):.0f} TF/s) "
-              f"rel err {err:.1e}", flush=True)
-        shape = dict(batch=B, prompt=prompt, slots=cap, fused_ms=fused, fused_rel_err=err, variants=[])
-        for name, base in VARIANTS:
-            if time.monotonic() > deadline:
-                print(f"  {name:14} skipped (budget)")
-                continue
-            cfg = two.two_pass_config(q, N_KV, cap, SCRATCH, base)
-            row = dict(name=name, config=cfg._asdict())
-            try:
-                out = canvas_attention(q, k, v, pos, kv_len, cfg)
-                row["rel_err"] = (out.float() - ref).abs().max().item() / ref_max
-                row["ms"] = graph_ms(lambda: canvas_attention(q, k, v, pos, kv_len, cfg), a.iters)  # noqa: B023
-                scores = two.scores_launch(q, k, pos, kv_len, cfg)
-                row["scores_ms"] = graph_ms(lambda: two.scores_launch(q, k, pos, kv_len, cfg), a.iters)  # noqa: B023
-                o2 = torch.empty_like(out)
-                row["values_ms"] = graph_ms(lambda: two.values_launch(scores, q, v, pos, kv_len, o2, cfg),  # noqa: B023
-                                            a.iters)
-                print(f"  {name:14} {row['ms']:.3f} ms ({tflops(B, prompt, row['ms']):.0f} TF/s; scores "
-                      f"{row['scores_ms']:.3f}, values {row['values_ms']:.3f}) splits {cfg.splits} "
-                      f"rel err {row['rel_err']:.1e}  x{fused / row['ms']:.2f} vs fused", flush=True)
-            except Exception as e:  # out of resources for this tile: record and go on
-                row["error"] = repr(e)[:300]
-                print(f"  {name:14} FAILED {row['error'][:150]}", flush=True)
-                torch.cuda.synchronize()
-            shape["variants"].append(row)
-            del row
-        ok = [r for r in shape["variants"] if "ms" in r and r["rel_err"] < 2**-5]
-        if ok:
-            best = min(ok, key=lambda r: r["ms"])
-            print(f"  fastest: {best['name']} {best['ms']:.3f} ms vs fused {fused:.3f}", flush=True)
-        rows.append(shape)
-        del q, k, v, pos, ref
+        rows.append(probe_shape(B, prompt, cap, a.iters, deadline))
         torch.cuda.empty_cache()
     if a.out:
         Path(a.out).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
