@@ -1,10 +1,10 @@
-"""The full layers' attention (D 512, 2 KV heads, 16 query heads, canvas 256) through the two-pass kernels
-(dgemma/kernels/attention_two_pass.py) against the fused kernel's default, one layer, CUDA-graph replays.
+"""Canvas attention through the two-pass kernels (dgemma/kernels/attention_two_pass.py) against the fused kernel
+(attention.py's default tiles), one layer at the real shapes (16 query heads, canvas 256; full layers D 512 with 2
+KV heads, sliding layers D 256 with 8 over a ring of 1023 slots), CUDA-graph replays.
 
     python3 scripts/gpu_two_pass_probe.py [--out probe.json] [--budget 200]
 
-For each (batch, prompt, capacity) of SHAPES: the fused default; then each TwoPass variant (scores-pass variants
-with the default values pass, then values-pass variants with the default scores pass), each checked against sdpa
+For each shape of SHAPES: the fused kernel; then each TwoPass variant of VARIANTS[head dim], each checked against sdpa
 (max error relative to sdpa's largest output) and timed whole and per pass. Prints one line per variant and the
 fastest per shape.
 """
@@ -20,56 +20,75 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from dgemma.benchmark import graph_ms  # noqa: E402
+from dgemma.kernels import attention as attn  # noqa: E402
 from dgemma.kernels import attention_two_pass as two  # noqa: E402
 from dgemma.kernels.attention import attention_reference, cache_lengths, canvas_attention  # noqa: E402
 from dgemma.kernels.attention_two_pass import TwoPass  # noqa: E402
 
-T, H, N_KV, D, SCRATCH = 256, 16, 2, 512, 256
-SHAPES = [(1, 32768, 32768), (1, 4096, 4352), (1, 512, 768), (1, 512, 32768), (8, 4096, 4352), (2, 32768, 33024)]
-BASE = TwoPass()
-VARIANTS = [("default", BASE),
-            ("s-stages4", BASE._replace(s_stages=4)),
-            ("s-n256", BASE._replace(block_n=256)),
-            ("s-n64-w4", BASE._replace(block_n=64, s_warps=4, s_stages=4)),
-            ("s-d32-s4", BASE._replace(block_d=32, s_stages=4)),
-            ("s-w4", BASE._replace(s_warps=4)),
-            ("v-stages2", BASE._replace(v_stages=2)),
-            ("v-k32-s4", BASE._replace(block_k=32, v_stages=4)),
-            ("v-parts4", BASE._replace(v_parts=4)),
-            ("v-parts4-w4", BASE._replace(v_parts=4, v_warps=4)),
-            ("v-k128-s2", BASE._replace(block_k=128, v_stages=2)),
-            ("v-bps1", BASE._replace(blocks_per_split=1))]
+T, H, SCRATCH = 256, 16, 256
+# (head dim, KV heads, batch, prompt, slots): full layers (slot = position, capacity `slots`) and sliding layers (a
+# ring of 1023 slots, wrapped past 1023 positions)
+SHAPES = [(512, 2, 1, 32768, 32768), (512, 2, 1, 4096, 4352), (512, 2, 1, 512, 768), (512, 2, 1, 512, 32768),
+          (512, 2, 8, 4096, 4352), (512, 2, 2, 32768, 33024), (512, 2, 8, 512, 768), (512, 2, 16, 512, 768),
+          (256, 8, 1, 512, 1023), (256, 8, 1, 4096, 1023), (256, 8, 8, 512, 1023), (256, 8, 8, 4096, 1023)]
+BASE = TwoPass(block_n=256)  # CUDA_TWO_PASS[512] after the first probe (session 6)
+VARIANTS = {512: [("default", BASE),
+                  ("n128", BASE._replace(block_n=128)),
+                  ("n128-w4", BASE._replace(block_n=128, s_warps=4)),
+                  ("s-stages4", BASE._replace(s_stages=4)),
+                  ("s-d128-s2", BASE._replace(block_d=128, s_stages=2)),
+                  ("s-w4", BASE._replace(s_warps=4)),
+                  ("m64-w4", BASE._replace(block_m=64, s_warps=4, v_warps=4)),
+                  ("v-parts4", BASE._replace(v_parts=4)),
+                  ("v-stages4", BASE._replace(v_stages=4))],
+            256: [("n128-parts1", TwoPass(block_n=128, v_parts=1)),
+                  ("n256-parts1", TwoPass(block_n=256, v_parts=1)),
+                  ("n128-parts2", TwoPass(block_n=128, v_parts=2)),
+                  ("n256-parts2", TwoPass(block_n=256, v_parts=2)),
+                  ("n128-w4-parts2", TwoPass(block_n=128, s_warps=4, v_parts=2)),
+                  ("m64-n128-w4-parts1", TwoPass(block_m=64, block_n=128, s_warps=4, v_parts=1, v_warps=4))]}
 
 
-def inputs(B: int, prompt: int, cap: int, seed: int = 0):
+def inputs(D: int, n_kv: int, B: int, prompt: int, cap: int, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, T, H, D, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2) * D**-0.25
-    k = torch.randn(B, N_KV, cap + SCRATCH, D, device="cuda", generator=g, dtype=torch.bfloat16) * D**-0.25
-    v = torch.randn(B, N_KV, cap + SCRATCH, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = torch.randn(B, n_kv, cap + SCRATCH, D, device="cuda", generator=g, dtype=torch.bfloat16) * D**-0.25
+    v = torch.randn(B, n_kv, cap + SCRATCH, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    p = torch.arange(max(0, prompt - cap), prompt, device="cuda")
     pos = torch.full((B, cap), -1, dtype=torch.long, device="cuda")
-    pos[:, :prompt] = torch.arange(prompt, device="cuda")
+    pos[:, p % cap] = p  # a full layer's prefix (slot = position) or a sliding ring (slot = position % C)
     return q, k, v, pos
 
 
-def tflops(B: int, prompt: int, ms: float) -> float:
-    return 4 * H * T * D * B * (prompt + SCRATCH) / (ms * 1e-3) / 1e12
+def fused_config(q: torch.Tensor, n_kv: int, cap: int) -> attn.Config:
+    """What canvas_attention launches without the two-pass path (the first tile candidate)."""
+    B, H_, T_, D = q.shape
+    small = attn.small_grid(B, H_, n_kv, T_, D, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    return attn.default_config(q, n_kv, cap, SCRATCH, attn.tile_candidates(D, small)[0])
 
 
-def probe_shape(B: int, prompt: int, cap: int, iters: int, deadline: float) -> dict:
-    q, k, v, pos = inputs(B, prompt, cap)
+def tflops(D: int, B: int, keys: int, ms: float) -> float:
+    return 4 * H * T * D * B * (keys + SCRATCH) / (ms * 1e-3) / 1e12
+
+
+def probe_shape(D: int, n_kv: int, B: int, prompt: int, cap: int, iters: int, deadline: float) -> dict:
+    q, k, v, pos = inputs(D, n_kv, B, prompt, cap)
     kv_len = cache_lengths(pos)
+    keys = min(prompt, cap)
     ref = attention_reference(q, k, v, pos).float()
     ref_max = ref.abs().max().item()
-    fused = graph_ms(lambda: canvas_attention(q, k, v, pos, kv_len), iters)
-    err = (canvas_attention(q, k, v, pos, kv_len).float() - ref).abs().max().item() / ref_max
-    print(f"B={B} prompt {prompt} slots {cap}: fused default {fused:.3f} ms ({tflops(B, prompt, fused):.0f} TF/s) "
+    fc = fused_config(q, n_kv, cap)
+    fused = graph_ms(lambda: canvas_attention(q, k, v, pos, kv_len, fc), iters)
+    err = (canvas_attention(q, k, v, pos, kv_len, fc).float() - ref).abs().max().item() / ref_max
+    print(f"D={D} B={B} prompt {prompt} slots {cap}: fused {fused:.3f} ms ({tflops(D, B, keys, fused):.0f} TF/s) "
           f"rel err {err:.1e}", flush=True)
-    shape = dict(batch=B, prompt=prompt, slots=cap, fused_ms=fused, fused_rel_err=err, variants=[])
-    for name, base in VARIANTS:
+    shape = dict(head_dim=D, batch=B, prompt=prompt, slots=cap, fused_ms=fused, fused_config=fc._asdict(),
+                 fused_rel_err=err, variants=[])
+    for name, base in VARIANTS[D]:
         if time.monotonic() > deadline:
             print(f"  {name:14} skipped (budget)")
             continue
-        cfg = two.two_pass_config(q, N_KV, cap, SCRATCH, base)
+        cfg = two.two_pass_config(q, n_kv, cap, SCRATCH, base)
         row = dict(name=name, config=cfg._asdict())
         try:
             out = canvas_attention(q, k, v, pos, kv_len, cfg)
@@ -80,7 +99,7 @@ def probe_shape(B: int, prompt: int, cap: int, iters: int, deadline: float) -> d
             o2 = torch.empty_like(out)
             row["values_ms"] = graph_ms(lambda: two.values_launch(scores, q, v, pos, kv_len, o2, cfg),  # noqa: B023
                                         iters)
-            print(f"  {name:14} {row['ms']:.3f} ms ({tflops(B, prompt, row['ms']):.0f} TF/s; scores "
+            print(f"  {name:14} {row['ms']:.3f} ms ({tflops(D, B, keys, row['ms']):.0f} TF/s; scores "
                   f"{row['scores_ms']:.3f}, values {row['values_ms']:.3f}) splits {cfg.splits} "
                   f"rel err {row['rel_err']:.1e}  x{fused / row['ms']:.2f} vs fused", flush=True)
         except Exception as e:  # out of resources for this tile: record and go on
@@ -102,10 +121,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     a = ap.parse_args()
     deadline = time.monotonic() + a.budget
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  D {D}  Hkv {N_KV}  H {H}  T {T}")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  H {H}  T {T}")
     rows = []
-    for B, prompt, cap in SHAPES:
-        rows.append(probe_shape(B, prompt, cap, a.iters, deadline))
+    for shape in SHAPES:
+        rows.append(probe_shape(*shape, a.iters, deadline))
         torch.cuda.empty_cache()
     if a.out:
         Path(a.out).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
