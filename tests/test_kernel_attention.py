@@ -329,8 +329,6 @@ def test_two_pass_follows_a_late_jump_of_the_max():
 
 def test_two_pass_rejects_what_it_cannot_run():
     q, k, v, pos = make_inputs(full_layout([20], [0], cap=20), 2, 2, 4, 64, 4, torch.float32)
-    with pytest.raises(ValueError, match="no causal mode"):
-        canvas_attention(q, k, v, pos, config=INTERPRET_TWO_PASS, qpos=torch.arange(20, 24, device=DEV)[None])
     for bad in (dict(v_parts=3), dict(block_k=24), dict(block_d=48)):
         with pytest.raises(ValueError, match="two-pass config"):
             canvas_attention(q, k, v, pos, config=INTERPRET_TWO_PASS._replace(**bad))
@@ -390,6 +388,22 @@ def test_causal_matches_prefix_mask(D, rep, layout, config, dtype):
         torch.testing.assert_close(attention_reference(q, k, v, pos, qpos=qpos, window=window), ref, rtol=1e-5,
                                    atol=1e-5)
         assert not torch.allclose(attention_reference(q, k, v, pos), ref, atol=0.1)
+
+
+TWO_CAUSAL = [(layout, dtype, D) for layout in ("full", "ring", "narrow") for dtype in (torch.float32, torch.bfloat16)
+              for D in (64, 512) if D == 64 or layout == "full"]
+
+
+@pytest.mark.parametrize("layout,dtype,D", TWO_CAUSAL, ids=[
+    f"{lay}-{'fp32' if d == torch.float32 else 'bf16'}-D{D}" for lay, d, D in TWO_CAUSAL])
+def test_two_pass_causal_matches_prefix_mask(layout, dtype, D):
+    """The two-pass kernels' causal mode (the commit pass of the full layers), split and not."""
+    q, k, v, pos, qpos, window = causal_inputs(layout, 4 if D == 64 else 8, D, 17 if D == 64 else 3, dtype)
+    reference = partial(prefix_reference, qpos=qpos, window=window)
+    for splits in (1, 3):
+        config = INTERPRET_TWO_PASS._replace(splits=splits, blocks_per_split=1)
+        check_close(canvas_attention(q, k, v, pos, config=config, qpos=qpos, window=window), q, k, v, pos,
+                    reference=reference)
 
 
 @pytest.mark.parametrize("config", [None, SPLIT, PREFETCH_SPLIT], ids=["unsplit", "split", "prefetch"])

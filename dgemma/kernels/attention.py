@@ -46,6 +46,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from dgemma.kernels.fmath import pdl, pdl_start
+
 if TYPE_CHECKING:
     from dgemma.kernels.attention_two_pass import TwoPass
 
@@ -185,7 +187,8 @@ def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, qpos_ptr, len_ptr, out_ptr
                         sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, spb, sqpb, sob, soh, sot,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         SPLIT: tl.constexpr, PREFETCH: tl.constexpr, LAZY_RESCALE: tl.constexpr, CAUSAL: tl.constexpr,
-                        PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                        PREC: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     # grid: (row blocks of the REP·T rows of one KV head × D // DV column parts, B · Hkv, SPLITS). SPLITS is a
     # runtime value, so one compile serves every split count; SPLIT (SPLITS > 1) compiles the partial outputs in.
     # CAUSAL compiles the encoder's visibility in (qpos, WINDOW; WINDOW 0 = none).
@@ -251,8 +254,10 @@ def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, qpos_ptr, len_ptr, out_ptr
 
 @triton.jit
 def _merge_kernel(part_ptr, lse_ptr, len_ptr, out_ptr, R, H, T, CAP, SCRATCH, BPS, sob, soh, sot,
-                  D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """out = Σ_s 2^(lse_s - max) · o_s / Σ_s 2^(lse_s - max) over the working splits of rows whose row block split."""
+    pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of [B, H, T]
     b = r // (H * T)
     h = (r // T) % H
@@ -374,8 +379,8 @@ def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     `.transpose(1, 2).reshape(B, T, H * D)` before o_proj is free. No host sync; safe to capture in a CUDA graph
     (make the first call, which compiles and picks the tiles, before capturing). `config` forces the launch
     parameters (tests, the bench's sweep); by default they come from `default_config` with the first tile shape
-    that fits the GPU. A `TwoPass` config, or on CUDA a long buffer of a head dim in
-    attention_two_pass.CUDA_TWO_PASS (decoder mode), runs the two-pass kernels (scores, then values) instead."""
+    that fits the GPU. A `TwoPass` config, or on CUDA a buffer of a head dim in attention_two_pass.CUDA_TWO_PASS
+    (D 512: the full layers), runs the two-pass kernels (scores, then values) instead."""
     _check(q, k, v, pos, kv_len, qpos, window)
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
@@ -392,13 +397,11 @@ def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     from dgemma.kernels import attention_two_pass as two  # it imports this module
 
     if isinstance(config, two.TwoPass):
-        if qpos is not None:
-            raise ValueError("canvas_attention: the two-pass kernels have no causal mode; pass a Config")
-        two.two_pass_launch(q, k, v, pos, kv_len, out, config)
+        two.two_pass_launch(q, k, v, pos, kv_len, out, config, *causal)
         return out
-    if config is None and (tp := two.two_pass_default(q, S, qpos is not None)) is not None:
+    if config is None and (tp := two.two_pass_default(q, S)) is not None:
         try:
-            two.two_pass_launch(q, k, v, pos, kv_len, out, two.two_pass_config(q, n_kv, cap, scratch, tp))
+            two.two_pass_launch(q, k, v, pos, kv_len, out, two.two_pass_config(q, n_kv, cap, scratch, tp), *causal)
             return out
         except triton.runtime.errors.OutOfResources:  # this GPU cannot fit the tiles: the fused kernel from now on
             two.CUDA_TWO_PASS.pop(D, None)
@@ -438,13 +441,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
         out.stride(2), D=D, DV=D // cfg.v_parts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.splits > 1,
         PREFETCH=cfg.prefetch, LAZY_RESCALE=cfg.lazy_rescale, CAUSAL=qpos is not None,
         PREC="ieee" if q.dtype == torch.float32 else None,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.warps, num_stages=cfg.stages)
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.warps, num_stages=cfg.stages,
+        **pdl(q.device))
     if cfg.splits > 1:
         block_r = max(1, 4096 // D)
         _merge_kernel[(triton.cdiv(R, block_r),)](
             part, lse, kv_len, out, R, H, T, cap, scratch, cfg.blocks_per_split,
             out.stride(0), out.stride(1), out.stride(2),
-            D=D, BLOCK_N=cfg.block_n, SPLITS=cfg.splits, BLOCK_R=block_r, num_warps=4)
+            D=D, BLOCK_N=cfg.block_n, SPLITS=cfg.splits, BLOCK_R=block_r, num_warps=4, **pdl(q.device))
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,

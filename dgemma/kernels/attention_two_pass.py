@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.attention import _merge_kernel, _splits_at, split_count
+from dgemma.kernels.fmath import pdl, pdl_start
 
 
 class TwoPass(NamedTuple):
@@ -87,12 +88,14 @@ def _block_slots(i, nb_c, n, CAP, SCRATCH, BLOCK_N: tl.constexpr, OFFSET, WIDTH:
 
 
 @triton.jit
-def _scores_kernel(q_ptr, k_ptr, pos_ptr, len_ptr, p_ptr, m_ptr, l_ptr, H, T, REP, CAP, SCRATCH, RP,
-                   sqb, sqh, sqt, skb, skh, skn, spb,
+def _scores_kernel(q_ptr, k_ptr, pos_ptr, qpos_ptr, len_ptr, p_ptr, m_ptr, l_ptr, H, T, REP, CAP, SCRATCH, RP, WINDOW,
+                   sqb, sqh, sqt, skb, skh, skn, spb, sqpb,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                   CAUSAL: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     # grid: (row blocks of one KV head's REP·T stacked rows, key blocks of the whole buffer, B · Hkv). Key blocks past
-    # this row's kv_len exit at once (the grid is fixed by shapes, for graphs).
+    # this row's kv_len exit at once (the grid is fixed by shapes, for graphs). CAUSAL: attention.py's causal mode
+    # (query t at position qpos[b, t] sees positions p <= it, and > it - WINDOW given a window), as a mask here.
     i = tl.program_id(1)
     bg = tl.program_id(2)
     b = (bg // (H // REP)).to(tl.int64)
@@ -106,8 +109,17 @@ def _scores_kernel(q_ptr, k_ptr, pos_ptr, len_ptr, p_ptr, m_ptr, l_ptr, H, T, RE
     h = g * REP + rows // T
     t = rows % T
     slots, inside, in_cache = _block_slots(i, nb_c, n, CAP, SCRATCH, BLOCK_N, 0, BLOCK_N)
-    slot_pos = tl.load(pos_ptr + b * spb + slots, mask=inside & in_cache, other=0)  # scratch slots read as 0: valid
-    valid = inside & (slot_pos >= 0)
+    if CAUSAL:  # key positions: the cache slot's, or the query position whose K/V a scratch slot holds
+        qpos_row = qpos_ptr + b * sqpb
+        slot_pos = tl.where(in_cache, tl.load(pos_ptr + b * spb + slots, mask=inside & in_cache, other=-1).to(tl.int32),
+                            tl.load(qpos_row + (slots - CAP), mask=inside & (i >= nb_c), other=-1).to(tl.int32))
+        q_hi = tl.load(qpos_row + t, mask=row_ok, other=0).to(tl.int32)
+        q_lo = tl.where(WINDOW > 0, tl.maximum(q_hi - WINDOW, -1), -1)
+        ok = ((inside & (slot_pos >= 0))[None, :] & (slot_pos[None, :] > q_lo[:, None])
+              & (slot_pos[None, :] <= q_hi[:, None]))
+    else:
+        slot_pos = tl.load(pos_ptr + b * spb + slots, mask=inside & in_cache, other=0)  # scratch slots read as 0
+        ok = (inside & (slot_pos >= 0))[None, :]
     q_rows = q_ptr + b * sqb + h * sqh + t * sqt
     k_rows = k_ptr + b * skb + g * skh + slots.to(tl.int64) * skn
     s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -117,7 +129,7 @@ def _scores_kernel(q_ptr, k_ptr, pos_ptr, len_ptr, p_ptr, m_ptr, l_ptr, H, T, RE
         # Loaded below kv_len, empty or not (pos masks the scores): empty cache slots must hold finite values.
         kc = tl.load(k_rows[:, None] + d[None, :], mask=inside[:, None], other=0.0)
         s = _mma_acc(qc, tl.trans(kc), s, PREC, INTERPRET)
-    s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))  # base 2; the scale is 1
+    s = tl.where(ok, s * 1.4426950408889634, float("-inf"))  # base 2; the scale is 1
     m = tl.max(s, 1)
     p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # 0 where masked, also in all-masked rows
     at = (bg * tl.num_programs(1) + i).to(tl.int64) * RP + rows  # [B·Hkv, blocks, RP] index of the rows
@@ -130,7 +142,9 @@ def _scores_kernel(q_ptr, k_ptr, pos_ptr, len_ptr, p_ptr, m_ptr, l_ptr, H, T, RE
 def _values_kernel(p_ptr, m_ptr, l_ptr, v_ptr, len_ptr, out_ptr, part_ptr, lse_ptr, H, T, REP, CAP, SCRATCH, RP, NB,
                    SPLITS, BPS, svb, svh, svn, sob, soh, sot,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                   BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    pdl_start(PDL)
     # grid: (row blocks × D // DV column parts, B · Hkv, SPLITS), as attention.py's _canvas_attn_kernel, whose
     # output layout (and merge) this shares.
     bg = tl.program_id(1)
@@ -206,10 +220,10 @@ def _values_step(kk, acc, den, p_rows, m_ptr, l_ptr, ml, base, v_base, vcols, sv
 
 
 # --- launcher ---------------------------------------------------------------------------------------------------
-def two_pass_default(q: torch.Tensor, slots: int, causal: bool) -> TwoPass | None:
-    """The CUDA default for q's head dim when the buffer has at least CUDA_TWO_PASS's slots (decoder mode only)."""
+def two_pass_default(q: torch.Tensor, slots: int) -> TwoPass | None:
+    """The CUDA default for q's head dim when the buffer has at least CUDA_TWO_PASS's slots."""
     entry = CUDA_TWO_PASS.get(q.shape[3])
-    if causal or q.device.type != "cuda" or entry is None or slots < entry[0]:
+    if q.device.type != "cuda" or entry is None or slots < entry[0]:
         return None
     return entry[1]
 
@@ -229,16 +243,19 @@ def two_pass_config(q: torch.Tensor, n_kv: int, cap: int, scratch: int, cfg: Two
 
 
 def two_pass_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor,
-                    out: torch.Tensor, cfg: TwoPass) -> None:
-    """Both passes (and the merge when split) into out [B, H, T, D]; arguments checked by canvas_attention."""
+                    out: torch.Tensor, cfg: TwoPass, qpos: torch.Tensor | None = None, window: int | None = None
+                    ) -> None:
+    """Both passes (and the merge when split) into out [B, H, T, D]; arguments checked by canvas_attention, whose
+    causal mode qpos / window is."""
     D = q.shape[3]
     if D % cfg.v_parts or cfg.block_n % cfg.block_k or D % cfg.block_d:
         raise ValueError(f"canvas_attention: two-pass config {cfg} needs v_parts and block_d dividing the head dim "
                          f"{D} and block_k dividing block_n")
-    values_launch(scores_launch(q, k, pos, kv_len, cfg), q, v, pos, kv_len, out, cfg)
+    values_launch(scores_launch(q, k, pos, kv_len, cfg, qpos, window), q, v, pos, kv_len, out, cfg)
 
 
-def scores_launch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor, cfg: TwoPass
+def scores_launch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor, cfg: TwoPass,
+                  qpos: torch.Tensor | None = None, window: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first pass: (P [B·Hkv, blocks, rows, block_n], block maxima and sums [B·Hkv, blocks, rows] fp32), rows
     padded to whole row blocks; blocks past kv_len are left unwritten."""
@@ -252,11 +269,14 @@ def scores_launch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kv_len: t
                         dtype=torch.float32 if q.dtype == torch.float32 else torch.float16)
     maxes = torch.empty(probs.shape[:3], dtype=torch.float32, device=q.device)
     sums = torch.empty_like(maxes)
+    qp = pos if qpos is None else qpos  # not read unless CAUSAL
     _scores_kernel[(row_blocks, nb, B * n_kv)](
-        q, k, pos, kv_len, probs, maxes, sums, H, T, rep, cap, scratch, probs.shape[2], q.stride(0), q.stride(1),
-        q.stride(2), k.stride(0), k.stride(1), k.stride(2), pos.stride(0), D=D, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PREC="ieee" if q.dtype == torch.float32 else None,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.s_warps, num_stages=cfg.s_stages)
+        q, k, pos, qp, kv_len, probs, maxes, sums, H, T, rep, cap, scratch, probs.shape[2], window or 0,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), pos.stride(0), qp.stride(0),
+        D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, CAUSAL=qpos is not None,
+        PREC="ieee" if q.dtype == torch.float32 else None,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.s_warps, num_stages=cfg.s_stages,
+        **pdl(q.device))
     return probs, maxes, sums
 
 
@@ -275,9 +295,11 @@ def values_launch(scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor], q: to
         probs.shape[1], cfg.splits, cfg.blocks_per_split, v.stride(0), v.stride(1), v.stride(2), out.stride(0),
         out.stride(1), out.stride(2), D=D, DV=D // cfg.v_parts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, SPLIT=cfg.splits > 1, PREC="ieee" if q.dtype == torch.float32 else None,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.v_warps, num_stages=cfg.v_stages)
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.v_warps, num_stages=cfg.v_stages,
+        **pdl(q.device))
     if cfg.splits > 1:
         block_r = max(1, 4096 // D)
         _merge_kernel[(triton.cdiv(R, block_r),)](
             part, lse, kv_len, out, R, H, T, cap, scratch, cfg.blocks_per_split, out.stride(0), out.stride(1),
-            out.stride(2), D=D, BLOCK_N=cfg.block_n, SPLITS=cfg.splits, BLOCK_R=block_r, num_warps=4)
+            out.stride(2), D=D, BLOCK_N=cfg.block_n, SPLITS=cfg.splits, BLOCK_R=block_r, num_warps=4,
+            **pdl(q.device))

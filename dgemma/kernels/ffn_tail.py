@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.fmath import MODES, round_to
+from dgemma.kernels.fmath import MODES, pdl, pdl_start, round_to
 from dgemma.kernels.layer_norms import check_vectors
 from dgemma.kernels.moe import sum_rows
 from dgemma.kernels.rms_norm import as_rows, block_shape, normed_rows, pick_launch
@@ -57,7 +57,8 @@ def _ffn_tail_kernel(x_ptr, d_ptr, m_ptr, rw_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, 
                      R, D, T, split, eps, stride_x, stride_d, stride_m, stride_rw, stride_o,
                      MODE: tl.constexpr, TOP_K: tl.constexpr, DENSE_J: tl.constexpr, GPU: tl.constexpr,
                      HAS_SPLIT: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                     UNROLL_K: tl.constexpr, UNROLL_J: tl.constexpr):
+                     UNROLL_K: tl.constexpr, UNROLL_J: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < D)[None, :]
@@ -137,7 +138,7 @@ def ffn_tail(x: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor, w_dense: t
         R, D, T, 0 if split is None else split, eps, xr.stride(0), dr.stride(0), mr.stride(0), rw.stride(0),
         o.stride(0), MODE=MODES[x.dtype], TOP_K=k, DENSE_J=j, GPU=x.is_cuda, HAS_SPLIT=split is not None,
         HAS_NEXT=next_weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, UNROLL_K=unroll_for(k, launch.unroll),
-        UNROLL_J=unroll_for(j, launch.unroll), num_warps=warps)
+        UNROLL_J=unroll_for(j, launch.unroll), num_warps=warps, **pdl(x.device))
     return result
 
 

@@ -14,6 +14,12 @@
 - `log2`, `rcp` with FAST: one MUFU instruction each when compiled (lg2.approx, rcp.approx) instead of a polynomial
   or a full-precision division. The interpreter has no libdevice: there (and without FAST) they are the exact ops,
   so CPU tests still run the fast formulas built on them.
+- `pdl_start` / `pdl`: programmatic dependent launch (Hopper and later). A kernel launched with `**pdl(device)`
+  may be started by the GPU while the kernel before it in the stream is still finishing; its first statement,
+  `pdl_start(PDL)`, waits until that kernel has completed and its writes are visible, then lets the next kernel
+  launch the same way. The gain is the launch latency and ramp-up of each kernel, overlapped with its
+  predecessor's last wave. Since every such kernel waits before its first load or store, the stream's order
+  holds exactly as without it. DGEMMA_PDL=0 turns it off.
 """
 
 from __future__ import annotations
@@ -24,10 +30,33 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # Codes for the constexpr `MODE` arguments below.
 MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_PDL_CAPABLE: dict[int, bool] = {}
+
+
+def pdl(device: torch.device) -> dict:
+    """Launch arguments for a kernel that starts with `pdl_start(PDL)`: programmatic dependent launch on a CUDA
+    device of compute capability 9 or more (unless DGEMMA_PDL=0), off elsewhere."""
+    on = device.type == "cuda" and os.environ.get("DGEMMA_PDL", "1") != "0"
+    if on:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _PDL_CAPABLE:
+            _PDL_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+        on = _PDL_CAPABLE[index]
+    return dict(PDL=on, launch_pdl=on)
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """The first statement of a kernel launched with `pdl(device)`: wait for the previous kernel in the stream, then
+    allow the next one to launch early (see the module docstring). Nothing when PDL is off."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.fmath import MODES, round_to
+from dgemma.kernels.fmath import MODES, pdl, pdl_start, round_to
 from dgemma.kernels.rms_norm import Launch, as_rows, block_shape, normed_rows, pick_launch
 
 # Launch per (BLOCK_D, min rows) on CUDA; elsewhere, and for other widths, `block_shape`'s. Only the rows per program
@@ -30,7 +30,8 @@ CUDA_LAUNCH: dict[int, dict[int, Launch]] = {4096: {0: Launch(1, 8), 2048: Launc
 @triton.jit
 def _attn_residual_kernel(o_ptr, x_ptr, wa_ptr, wd_ptr, wm_ptr, sc_ptr, xo_ptr, hd_ptr, hm_ptr, hr_ptr,
                           R, D, eps, root, stride_o, stride_x, stride_out,
-                          MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                          MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < D)[None, :]
@@ -86,7 +87,7 @@ def attn_residual(o: torch.Tensor, x: torch.Tensor, w_post_attn: torch.Tensor, w
     _attn_residual_kernel[(triton.cdiv(R, block_r),)](
         orows, xr, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, x_new, h_dense, h_moe, h_router,
         R, D, eps, float(router_root), orows.stride(0), xr.stride(0), x_new.stride(0),
-        MODE=MODES[x.dtype], BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        MODE=MODES[x.dtype], BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, **pdl(x.device))
     return outs
 
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.fmath import MODES, gelu_tanh, precision, round_to
+from dgemma.kernels.fmath import MODES, gelu_tanh, pdl, pdl_start, precision, round_to
 from dgemma.kernels.moe_tma import TmaTile, down_tma_launch, gate_up_tma_launch, gather_rows, tma_ok  # noqa: F401
 
 
@@ -50,7 +50,8 @@ def _gate_up_kernel(x_ptr, w_ptr, xd_ptr, wd_ptr, slots_ptr, block_expert_ptr, a
                     stride_x, stride_we, stride_wn, stride_xd, stride_wdn, stride_a,
                     I: tl.constexpr, ID: tl.constexpr, H: tl.constexpr, TOP_K: tl.constexpr, MODE: tl.constexpr,
                     UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     b = tl.program_id(0)
     e = tl.load(block_expert_ptr + b, mask=b < n_routed, other=0)
     if e >= E:  # past the last expert's tiles
@@ -95,7 +96,8 @@ def _down_kernel(act_ptr, w_ptr, wd_ptr, slots_ptr, block_expert_ptr, rw_ptr, ou
                  stride_a, stride_we, stride_wn, stride_wdn, stride_o, stride_do,
                  I: tl.constexpr, H: tl.constexpr, TOP_K: tl.constexpr, DENSE_J: tl.constexpr, MODE: tl.constexpr,
                  ATOMIC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     b = tl.program_id(0)
     e = tl.load(block_expert_ptr + b, mask=b < n_routed, other=0)
     if e >= E:
@@ -142,11 +144,12 @@ def _down_kernel(act_ptr, w_ptr, wd_ptr, slots_ptr, block_expert_ptr, rw_ptr, ou
 @triton.jit
 def _align_kernel(idx_ptr, slots_ptr, block_expert_ptr, E: tl.constexpr, P: tl.constexpr, N_BLOCKS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, MAX_TILES: tl.constexpr,
-                  TAIL_CHUNK: tl.constexpr):
+                  TAIL_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
     """`align_reference`'s tables, one program per expert e: a histogram of all pairs gives every expert's padded
     run, so e knows where its run starts; e's pairs take its rows in pair order (a stable counting sort: the same
     slots as the reference's stable sort), the rest of its last tile is padding (pair P), its tiles map to e, and
     the last program marks the unused tiles past the end (expert E, all rows padding)."""
+    pdl_start(PDL)
     e = tl.program_id(0)
     bins = tl.arange(0, BINS)
     counts = tl.zeros([BINS], dtype=tl.int32)
@@ -219,9 +222,11 @@ def sum_rows(y_ptr, w_ptr, rows, cols, R, H, stride_y, stride_w, COUNT: tl.const
 
 @triton.jit(do_not_specialize=["N"])
 def _sum_k_kernel(y_ptr, rw_ptr, parts_ptr, out_ptr, dense_ptr, N, H: tl.constexpr, TOP_K: tl.constexpr,
-                  DENSE_J: tl.constexpr, MODE: tl.constexpr, GPU: tl.constexpr, BLOCK: tl.constexpr):
+                  DENSE_J: tl.constexpr, MODE: tl.constexpr, GPU: tl.constexpr, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """One token t (a [1, BLOCK] block): out[t] = Σ_j w[t, j] · y[t·k + j] (`sum_rows`), cast once to out's dtype;
     with DENSE_J > 0 also dense[t] = Σ_j parts[t·J + j], cast once."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     out, mask = t[:, None] * H + cols[None, :], (cols < H)[None, :]
@@ -310,7 +315,8 @@ def align(idx: torch.Tensor, num_experts: int, block_m: int, kernel: bool | None
     _align_kernel[(E,)](idx.reshape(-1), slots, block_expert, E=E, P=P, N_BLOCKS=n_blocks, BLOCK_M=block_m, BINS=bins,
                         CHUNK=min(4096, triton.next_power_of_2(P)),
                         MAX_TILES=triton.next_power_of_2(triton.cdiv(idx.shape[0], block_m)),
-                        TAIL_CHUNK=max(1, 2048 // block_m), num_warps=4 if idx.is_cuda else 1)
+                        TAIL_CHUNK=max(1, 2048 // block_m), num_warps=4 if idx.is_cuda else 1,
+                        **pdl(idx.device))
     return slots, block_expert
 
 
@@ -407,7 +413,7 @@ def gate_up_launch(x, gate_up, slots, block_expert, k: int, bm: int, tile: Tile 
         x, gate_up, xd, gud, slots, block_expert, act, N * k, E, N, n_blocks, x.stride(0), gate_up.stride(0),
         gate_up.stride(1), xd.stride(0), gud.stride(0), act.stride(0), I=I, ID=Id, H=H, TOP_K=k,
         MODE=MODES[x.dtype], UPCAST=x.device.type != "cuda", PREC=precision(x.dtype), BLOCK_M=bm, BLOCK_N=tile.n,
-        BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages)
+        BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages, **pdl(x.device))
     return act
 
 
@@ -434,7 +440,7 @@ def down_launch(act, down, slots, block_expert, weights, N: int, bm: int, tile: 
         N * k, E, N, n_blocks, act.stride(0), down.stride(0), down.stride(1), wd.stride(0), out.stride(0),
         H if parts is None else parts.stride(0), I=I, H=H, TOP_K=k, DENSE_J=J, MODE=MODES[act.dtype],
         ATOMIC=atomic, UPCAST=act.device.type != "cuda", PREC=precision(act.dtype), BLOCK_M=bm, BLOCK_N=tile.n,
-        BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages)
+        BLOCK_K=tile.k, num_warps=tile.warps, num_stages=tile.stages, **pdl(act.device))
     return out, parts
 
 
@@ -450,7 +456,7 @@ def sum_k(rows: torch.Tensor, weights: torch.Tensor, parts: torch.Tensor | None
     _sum_k_kernel[(N, triton.cdiv(H, block))](
         rows, weights.float().contiguous(), rows if parts is None else parts, res, res if dense is None else dense,
         N, H=H, TOP_K=k, DENSE_J=0 if parts is None else parts.shape[1], MODE=MODES[rows.dtype], GPU=rows.is_cuda,
-        BLOCK=block, num_warps=4 if rows.is_cuda else 1)
+        BLOCK=block, num_warps=4 if rows.is_cuda else 1, **pdl(rows.device))
     return res, dense
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dgemma.kernels.fmath import INTERPRET, MODES, gelu_tanh, precision, round_to
+from dgemma.kernels.fmath import INTERPRET, MODES, gelu_tanh, pdl, pdl_start, precision, round_to
 
 
 class TmaTile(NamedTuple):
@@ -95,7 +95,8 @@ def _gate_up_tma_kernel(x_ptr, xs_desc, w_desc, slots_ptr, block_expert_ptr, act
                         stride_a, I: tl.constexpr, H: tl.constexpr, NT: tl.constexpr, TOP_K: tl.constexpr,
                         MODE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NB_P2: tl.constexpr, PERSISTENT: tl.constexpr,
-                        FLATTEN: tl.constexpr, GATHERED: tl.constexpr):
+                        FLATTEN: tl.constexpr, GATHERED: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid, step = tl.program_id(0), tl.num_programs(0)
     end = _tma_tiles_end(block_expert_ptr, n_blocks, E, NT, NB_P2, PERSISTENT)
     if INTERPRET:  # its range() takes no tensor bound (numpy >= 2.4): the same loop as a while
@@ -133,7 +134,8 @@ def _down_tma_tile(t, a_desc, w_desc, slots_ptr, block_expert_ptr, out_ptr, P, s
 def _down_tma_kernel(a_desc, w_desc, slots_ptr, block_expert_ptr, out_ptr, P, E, n_blocks, stride_o,
                      I: tl.constexpr, H: tl.constexpr, NT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NB_P2: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr):
+                     NB_P2: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid, step = tl.program_id(0), tl.num_programs(0)
     end = _tma_tiles_end(block_expert_ptr, n_blocks, E, NT, NB_P2, PERSISTENT)
     if INTERPRET:
@@ -150,8 +152,9 @@ def _down_tma_kernel(a_desc, w_desc, slots_ptr, block_expert_ptr, out_ptr, P, E,
 
 @triton.jit
 def _gather_kernel(x_ptr, slots_ptr, block_expert_ptr, xs_ptr, P, E, stride_x, H: tl.constexpr, TOP_K: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     """`gather_rows`: M-block b's rows, columns BLOCK_H · program_id(1) .., padding rows zero."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     if tl.load(block_expert_ptr + b) >= E:
         return
@@ -187,7 +190,7 @@ def tma_launch(tiles: int, n_blocks: int, bm: int, tile: TmaTile, dtype: torch.d
     return (grid,), dict(MODE=MODES[dtype], UPCAST=device.type != "cuda", PREC=precision(dtype), BLOCK_M=bm,
                          BLOCK_N=tile.n, BLOCK_K=tile.k, NB_P2=max(1024, triton.next_power_of_2(n_blocks)),
                          PERSISTENT=tile.persistent, FLATTEN=tile.flatten, num_warps=tile.warps,
-                         num_stages=tile.stages)
+                         num_stages=tile.stages, **pdl(device))
 
 
 def gather_rows(x: torch.Tensor, slots: torch.Tensor, block_expert: torch.Tensor, k: int, bm: int,
@@ -200,7 +203,7 @@ def gather_rows(x: torch.Tensor, slots: torch.Tensor, block_expert: torch.Tensor
     block_h = min(triton.next_power_of_2(H), 16384 // bm)  # 64 elements a thread at 4 warps
     _gather_kernel[(n_blocks, triton.cdiv(H, block_h))](x, slots, block_expert, xs, N * k, num_experts, x.stride(0),
                                                          H=H, TOP_K=k, BLOCK_M=bm, BLOCK_H=block_h,
-                                                         num_warps=4 if x.is_cuda else 1)
+                                                         num_warps=4 if x.is_cuda else 1, **pdl(x.device))
     return xs
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.fmath import MODES, round_to
+from dgemma.kernels.fmath import MODES, pdl, pdl_start, round_to
 from dgemma.kernels.rms_norm import Launch, block_shape, pick_launch
 
 # Launch per (head dim D, min rows B·T) on CUDA; elsewhere, and for other head dims, `block_shape`'s. A row's half
@@ -52,7 +52,9 @@ def _normed_halves(x1, x2, w1, w2, D, eps, HAS_WEIGHT: tl.constexpr, MODE: tl.co
 @triton.jit
 def _qkv_prep_kernel(x_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr, R, T, H, HKV, V_COL, eps,
                      sxb, sxt, scb, sct, ssb, sst, sqb, sqt, sqh, skb, skh, skt, svb, svh, svt,
-                     D: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                     D: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    pdl_start(PDL)
     HALF: tl.constexpr = D // 2
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     slot = tl.program_id(1)  # H q heads, Hkv k heads, Hkv v heads
@@ -150,7 +152,7 @@ def qkv_prep(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: 
         (n_heads + n_kv if has_v else n_heads) * D, eps,
         qkv.stride(0), qkv.stride(1), _batch_stride(cos), cos.stride(1), _batch_stride(sin), sin.stride(1),
         *q.stride()[:3], k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        D=D, MODE=MODES[qkv.dtype], BLOCK_R=block_r, BLOCK_H=block_d // 2, num_warps=warps)
+        D=D, MODE=MODES[qkv.dtype], BLOCK_R=block_r, BLOCK_H=block_d // 2, num_warps=warps, **pdl(qkv.device))
     return q.transpose(1, 2), k, v
 
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.fmath import MODES, round_to
+from dgemma.kernels.fmath import MODES, pdl, pdl_start, round_to
 
 
 @triton.jit
@@ -42,7 +42,8 @@ def normed_rows(x, w, D, eps, HAS_WEIGHT: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, res_ptr, out_ptr, R, D, eps, stride_x, stride_r, stride_o,
                      HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MODE: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < D)[None, :]
@@ -124,7 +125,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     _rms_norm_kernel[(triton.cdiv(R, block_r),)](
         xr, weight if weight is not None else xr, res, o, R, D, eps, xr.stride(0), res.stride(0), o.stride(0),
         HAS_WEIGHT=weight is not None, HAS_RESIDUAL=residual is not None, MODE=MODES[x.dtype],
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, **pdl(x.device))
     return out
 
 

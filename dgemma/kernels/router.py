@@ -20,10 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from dgemma.kernels.fmath import pdl, pdl_start
+
 
 @triton.jit
 def _route_kernel(s_ptr, scale_ptr, w_ptr, idx_ptr, N, stride_s, E: tl.constexpr, E_PAD: tl.constexpr,
-                  K: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr):
+                  K: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, E_PAD)
     kcols = tl.arange(0, K_PAD)
@@ -63,7 +66,8 @@ def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, k: int) -> tuple
     rows = 4 if scores.is_cuda else 2
     _route_kernel[(triton.cdiv(N, rows),)](scores, per_expert_scale, w, idx, N, scores.stride(0), E=E,
                                            E_PAD=triton.next_power_of_2(E), K=k, K_PAD=triton.next_power_of_2(k),
-                                           ROWS=rows, num_warps=4 if scores.is_cuda else 1)
+                                           ROWS=rows, num_warps=4 if scores.is_cuda else 1,
+                                           **pdl(scores.device))
     return w, idx
 
 
