@@ -9,7 +9,8 @@ GEMMs alone; the Triton gate_up also gathers and applies gelu·up, the Triton do
 The question it answers: would grouped_mm's GEMM, plus a gather and an activation kernel around it, beat the Triton
 launches at batch ≥ 4? Every time is a CUDA-graph replay.
 
-    python3 scripts/gpu_grouped_gemm_probe.py --tma [--tokens 2048 4096] [--budget 200] [--out probe_tma.json]
+    python3 scripts/gpu_grouped_gemm_probe.py --tma [--tokens 2048 4096] [--block-m 64 128] [--budget 200]
+        [--out probe_tma.json]
 
 also sweeps the TMA-fed launches (`TmaTile`) at BLOCK_M 64 and 128 over TMA_GATE_UP / TMA_DOWN: gate_up with the
 token rows gathered by pointer and pre-gathered (`gather_rows`, timed alone and added), down; each output checked
@@ -33,9 +34,11 @@ from dgemma.kernels.moe import TmaTile
 
 # (BLOCK_M, (BLOCK_N, BLOCK_K, warps, stages)): gate_up's outputs are [BLOCK_M, 2·BLOCK_N] (gate and up), so its
 # 128 × 64 tile is a 128 × 128 output and 128 × 128 a 128 × 256 one.
-GATE_UP_SHAPES = [(64, (64, 64, 4, 4)), (64, (128, 64, 8, 3)), (128, (64, 64, 8, 4)), (128, (128, 64, 8, 3))]
+GATE_UP_SHAPES = [(64, (64, 64, 4, 4)), (64, (128, 64, 8, 3)), (128, (64, 64, 8, 4)), (128, (128, 64, 8, 3)),
+                  (32, (64, 128, 4, 3)), (32, (64, 64, 4, 4)), (32, (128, 64, 4, 3))]  # 32: batch 1 (256 tokens)
 DOWN_SHAPES = [(64, (128, 64, 4, 4)), (64, (256, 64, 8, 3)), (128, (128, 64, 8, 3)), (128, (128, 64, 8, 4)),
-               (128, (256, 64, 8, 3))]
+               (128, (256, 64, 8, 3)), (32, (64, 128, 4, 3)), (32, (64, 64, 4, 4)), (32, (128, 64, 4, 4)),
+               (32, (128, 128, 4, 3)), (32, (256, 64, 8, 3))]
 OPTIONS = [{}, {"persistent": True}, {"persistent": True, "flatten": True}]
 TMA_GATE_UP = ([(bm, TmaTile(*s, **o)) for bm, s in GATE_UP_SHAPES for o in OPTIONS]  # pre-gathered rows: 16
                + [(bm, TmaTile(*s, gathered=False, **o)) for bm, s in GATE_UP_SHAPES for o in OPTIONS[:2]])  # 8
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--tma", action="store_true", help="also sweep the TMA-fed launches")
     ap.add_argument("--budget", type=float, default=200.0, help="seconds of TMA sweep after which no config starts")
     ap.add_argument("--tiny", action="store_true", help="a tiny shape (the interpreter's on CPU): a smoke test")
+    ap.add_argument("--block-m", type=int, nargs="+", default=None, help="only the TMA candidates of these BLOCK_M")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -91,8 +95,10 @@ def main() -> None:
             rows.append(r)
             if a.tma:
                 deadline = deadline or time.monotonic() + a.budget
-                tma_rows += sweep_tma(x, weights, idx, gu, dn, ms, deadline,
-                                      (TINY_GATE_UP, TINY_DOWN) if a.tiny else (TMA_GATE_UP, TMA_DOWN))
+                cands = (TINY_GATE_UP, TINY_DOWN) if a.tiny else (TMA_GATE_UP, TMA_DOWN)
+                if a.block_m:
+                    cands = tuple([c for c in cs if c[0] in a.block_m] for cs in cands)
+                tma_rows += sweep_tma(x, weights, idx, gu, dn, ms, deadline, cands)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name() if cuda else "cpu (interpreter)", "torch": torch.__version__,
