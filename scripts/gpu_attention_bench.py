@@ -34,6 +34,7 @@ from dgemma.benchmark import graph_ms  # noqa: E402
 from dgemma.config import ModelArgs  # noqa: E402
 from dgemma.kernels import attention as attn  # noqa: E402
 from dgemma.kernels.attention import Config, Tile, attention_reference, cache_lengths, canvas_attention  # noqa: E402
+from dgemma.kernels.attention_two_pass import TwoPass, two_pass_config, two_pass_default  # noqa: E402
 
 T, H, SCRATCH = 256, 16, 256
 KINDS = {"sliding": (256, 8), "full": (512, 2)}  # kind → (head dim, KV heads)
@@ -96,9 +97,12 @@ def useful_tflops(q: torch.Tensor, pos: torch.Tensor, ms: float) -> float:
     return 4 * H_ * T_ * D * keys / (ms * 1e-3) / 1e12
 
 
-def engine_config(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> Config:
-    """The config `canvas_attention` launched without one (after its first call: the first tile that compiled)."""
+def engine_config(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> Config | TwoPass:
+    """The config `canvas_attention` launched without one (after its first call: the first tile that compiled; the
+    two-pass kernels' for the head dims of attention_two_pass.CUDA_TWO_PASS)."""
     B, H_, T_, D = q.shape
+    if (tp := two_pass_default(q, k.shape[2])) is not None:
+        return two_pass_config(q, k.shape[1], pos.shape[1], SCRATCH, tp)
     small = attn.small_grid(B, H_, k.shape[1], T_, D, torch.cuda.get_device_properties(q.device).multi_processor_count)
     tiles = attn.tile_candidates(D, small)
     tile = tiles[attn._TILE_FITS.get((q.device.index, D, q.dtype, small), 0)]

@@ -1,9 +1,10 @@
 #!/bin/bash
 # One device call: `dgemma bench` sweeps at the real shape (random weights), results and logs under $OUT.
-# BENCH_SETS picks what runs (space-separated): check compare sweep long eager ar tests tests1 tests2 micro profile
+# BENCH_SETS picks what runs (space-separated): check compare sweep long eager ar tests tests1 tests2 micro attn2 profile
 # (check: scripts/gpu_fastpath_check.py, the fast path's logits against the reference ops at the real shape;
 #  tests: the GPU-marked tests; micro: the kernel micro-benchmarks (sampler, projections, MoE, sliding attention);
-#  profile: where the batch-1 and batch-8 step's time goes)
+#  attn2: the two-pass attention against the fused kernel (scripts/gpu_two_pass_probe.py);
+#  profile: where the batch-1 and batch-8 step's time goes; DGEMMA_PDL=0 for per-kernel times, see fmath.pdl)
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -34,6 +35,8 @@ for set in ${BENCH_SETS:-compare sweep long}; do
               timeout 150 python3 scripts/gpu_moe_bench.py --tokens 2048 --out $OUT/moe_tiles.json 2>&1 | tee $OUT/moe_tiles.log
               timeout 100 python3 scripts/gpu_attention_bench.py --sweep-full --sliding-only --budget 80 \
                 --out $OUT/attn_sliding.json 2>&1 | tee $OUT/attn_sliding.log ;;
+    attn2)    timeout 220 python3 scripts/gpu_two_pass_probe.py --budget 170 --out $OUT/two_pass_probe.json 2>&1 \
+                | tee $OUT/two_pass_probe.log ;;
     profile)  for b in 1 8; do timeout 150 python3 scripts/gpu_profile_step.py --batch $b --out $OUT/profile_b$b.txt \
                 2>&1 | grep -A9 "per step"; done ;;
   esac

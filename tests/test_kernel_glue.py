@@ -23,7 +23,7 @@ import triton.language as tl  # noqa: E402
 from dgemma.kernels import ffn_tail as ktail  # noqa: E402
 from dgemma.kernels import layer_norms as knorms  # noqa: E402
 from dgemma.kernels import qkv_prep as kprep  # noqa: E402
-from dgemma.kernels.fmath import round_to  # noqa: E402
+from dgemma.kernels.fmath import pdl, pdl_start, round_to  # noqa: E402
 from dgemma.kernels.rms_norm import Launch, block_shape, checked_launch, launch_for  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,3 +160,44 @@ def test_round_to_bf16_matches_torch_with_ties_infinities_and_nan():
     _round_bf16_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
     expected = x.to(torch.bfloat16).float()
     assert torch.isnan(y[-1]) and torch.equal(y[:-1].view(torch.int32), expected[:-1].view(torch.int32))
+
+
+@triton.jit
+def _pdl_double_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < N) * 2, mask=i < N)
+
+
+def test_pdl_launch_arguments(monkeypatch):
+    """fmath.pdl: off on the CPU and with DGEMMA_PDL=0 (without asking CUDA anything); on a GPU of compute capability
+    9+ on, and a chain of kernels launched with it and captured in a CUDA graph keeps the stream's order (each one
+    reads the previous one's output)."""
+    assert pdl(torch.device("cpu")) == dict(PDL=False, launch_pdl=False)
+    monkeypatch.setenv("DGEMMA_PDL", "0")
+    assert pdl(torch.device("cuda")) == dict(PDL=False, launch_pdl=False)
+    monkeypatch.delenv("DGEMMA_PDL")
+    x = torch.arange(5000, dtype=torch.float32, device=DEV)
+    bufs = [torch.empty_like(x) for _ in range(8)]
+
+    def chain():
+        src = x
+        for b in bufs:
+            _pdl_double_kernel[(triton.cdiv(x.numel(), 256),)](src, b, x.numel(), BLOCK=256, **pdl(x.device))
+            src = b
+
+    chain()
+    assert torch.equal(bufs[-1], x * 256)
+    if DEV == "cuda":
+        assert pdl(x.device)["PDL"] == (torch.cuda.get_device_capability()[0] >= 9)
+        for b in bufs:
+            b.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain()
+        for _ in range(3):
+            for b in bufs:
+                b.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(bufs[-1], x * 256)
