@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_attention_bench's layer inputs
 
 import torch  # noqa: E402
+from gpu_attention_bench import KINDS, SCRATCH, H, T, layer_inputs  # noqa: E402
 
 from dgemma.benchmark import graph_ms  # noqa: E402
 from dgemma.kernels import attention as attn  # noqa: E402
@@ -25,12 +27,12 @@ from dgemma.kernels import attention_two_pass as two  # noqa: E402
 from dgemma.kernels.attention import attention_reference, cache_lengths, canvas_attention  # noqa: E402
 from dgemma.kernels.attention_two_pass import TwoPass  # noqa: E402
 
-T, H, SCRATCH = 256, 16, 256
-# (head dim, KV heads, batch, prompt, slots): full layers (slot = position, capacity `slots`) and sliding layers (a
-# ring of 1023 slots, wrapped past 1023 positions)
-SHAPES = [(512, 2, 1, 32768, 32768), (512, 2, 1, 4096, 4352), (512, 2, 1, 512, 768), (512, 2, 1, 512, 32768),
-          (512, 2, 8, 4096, 4352), (512, 2, 2, 32768, 33024), (512, 2, 8, 512, 768), (512, 2, 16, 512, 768),
-          (256, 8, 1, 512, 1023), (256, 8, 1, 4096, 1023), (256, 8, 8, 512, 1023), (256, 8, 8, 4096, 1023)]
+# (kind, batch, prompt, capacity): full layers (D 512, slot = position) and sliding layers (D 256, a ring of 1023
+# slots, wrapped past 1023 positions), as gpu_attention_bench.layer_inputs builds them
+SHAPES = [("full", 1, 32768, 32768), ("full", 1, 4096, 4352), ("full", 1, 512, 768), ("full", 1, 512, 32768),
+          ("full", 8, 4096, 4352), ("full", 2, 32768, 33024), ("full", 8, 512, 768), ("full", 16, 512, 768),
+          ("sliding", 1, 512, 1023), ("sliding", 1, 4096, 1023), ("sliding", 8, 512, 1023),
+          ("sliding", 8, 4096, 1023)]
 BASE = TwoPass(block_n=256)  # CUDA_TWO_PASS[512] after the first probe (session 6)
 VARIANTS = {512: [("default", BASE),
                   ("n128", BASE._replace(block_n=128)),
@@ -49,17 +51,6 @@ VARIANTS = {512: [("default", BASE),
                   ("m64-n128-w4-parts1", TwoPass(block_m=64, block_n=128, s_warps=4, v_parts=1, v_warps=4))]}
 
 
-def inputs(D: int, n_kv: int, B: int, prompt: int, cap: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, T, H, D, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2) * D**-0.25
-    k = torch.randn(B, n_kv, cap + SCRATCH, D, device="cuda", generator=g, dtype=torch.bfloat16) * D**-0.25
-    v = torch.randn(B, n_kv, cap + SCRATCH, D, device="cuda", generator=g, dtype=torch.bfloat16)
-    p = torch.arange(max(0, prompt - cap), prompt, device="cuda")
-    pos = torch.full((B, cap), -1, dtype=torch.long, device="cuda")
-    pos[:, p % cap] = p  # a full layer's prefix (slot = position) or a sliding ring (slot = position % C)
-    return q, k, v, pos
-
-
 def fused_config(q: torch.Tensor, n_kv: int, cap: int) -> attn.Config:
     """What canvas_attention launches without the two-pass path (the first tile candidate)."""
     B, H_, T_, D = q.shape
@@ -71,8 +62,10 @@ def tflops(D: int, B: int, keys: int, ms: float) -> float:
     return 4 * H * T * D * B * (keys + SCRATCH) / (ms * 1e-3) / 1e12
 
 
-def probe_shape(D: int, n_kv: int, B: int, prompt: int, cap: int, iters: int, deadline: float) -> dict:
-    q, k, v, pos = inputs(D, n_kv, B, prompt, cap)
+def probe_shape(kind: str, B: int, prompt: int, capacity: int, iters: int, deadline: float) -> dict:
+    D, n_kv = KINDS[kind]
+    q, k, v, pos = layer_inputs(kind, B, prompt, capacity)
+    cap = pos.shape[1]
     kv_len = cache_lengths(pos)
     keys = min(prompt, cap)
     ref = attention_reference(q, k, v, pos).float()

@@ -240,16 +240,19 @@ def test_d512_variants_match_reference(name, layout, dtype):
         check_close(canvas_attention(q, k, v, pos, config=config), q, k, v, pos)
 
 
-@pytest.mark.parametrize("name", ["parts2-lazy", "parts2-posmask"])
+@pytest.mark.parametrize("name", ["parts2-lazy", "parts2-posmask", "two-pass"])
 def test_d512_kv_len_bounds_the_slots_read(name):
-    """Prefetched or not, K/V slots >= kv_len are never loaded (NaN there stays out)."""
+    """Prefetched or not, fused or two-pass, K/V slots >= kv_len are never loaded (NaN there stays out); kv_len is
+    clamped to the capacity."""
     pos = full_layout([50, 50], [0, 0], cap=50)
     q, k, v, pos = make_inputs(pos, 8, 2, 3, 512, 9, torch.float32, seed=1)
     kv_len = torch.tensor([19, 70], dtype=torch.int32, device=DEV)
     k[0, :, 19:50], v[0, :, 19:50] = float("nan"), float("nan")
     ref = attention_reference(q, k.nan_to_num(), v.nan_to_num(), pos, kv_len)
     for splits in (1, 2):
-        out = canvas_attention(q, k, v, pos, kv_len, Config.of(VARIANTS[name], splits=splits, blocks_per_split=1))
+        config = (INTERPRET_TWO_PASS._replace(splits=splits, blocks_per_split=1) if name == "two-pass" else
+                  Config.of(VARIANTS[name], splits=splits, blocks_per_split=1))
+        out = canvas_attention(q, k, v, pos, kv_len, config)
         assert out.isfinite().all()
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -300,19 +303,6 @@ def test_two_pass_matches_reference(name, layout, dtype, D):
     for splits in (1, 3):
         config = TWO_PASS[name]._replace(splits=splits, blocks_per_split=1)
         check_close(canvas_attention(q, k, v, pos, config=config), q, k, v, pos)
-
-
-def test_two_pass_kv_len_bounds_the_slots_read():
-    """K/V slots >= kv_len are never loaded (NaN there stays out); kv_len is clamped to the capacity."""
-    pos = full_layout([50, 50], [0, 0], cap=50)
-    q, k, v, pos = make_inputs(pos, 8, 2, 3, 64, 9, torch.float32, seed=1)
-    kv_len = torch.tensor([19, 70], dtype=torch.int32, device=DEV)
-    k[0, :, 19:50], v[0, :, 19:50] = float("nan"), float("nan")
-    ref = attention_reference(q, k.nan_to_num(), v.nan_to_num(), pos, kv_len)
-    for splits in (1, 2):
-        out = canvas_attention(q, k, v, pos, kv_len, INTERPRET_TWO_PASS._replace(splits=splits, blocks_per_split=1))
-        assert out.isfinite().all()
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_two_pass_follows_a_late_jump_of_the_max():

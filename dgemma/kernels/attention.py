@@ -426,9 +426,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
     B, H, T, D = q.shape
     n_kv, cap = k.shape[1], pos.shape[1]
     scratch = k.shape[2] - cap
-    R = B * H * T
-    part = torch.empty(cfg.splits, R, D, dtype=torch.float32, device=q.device) if cfg.splits > 1 else out
-    lse = torch.empty(cfg.splits, R, dtype=torch.float32, device=q.device) if cfg.splits > 1 else out
+    part, lse = split_buffers(cfg.splits, out)
     rep = H // n_kv
     if D % cfg.v_parts:
         raise ValueError(f"canvas_attention: v_parts {cfg.v_parts} does not divide head dim {D}")
@@ -443,12 +441,30 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
         PREC="ieee" if q.dtype == torch.float32 else None,
         INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.warps, num_stages=cfg.stages,
         **pdl(q.device))
-    if cfg.splits > 1:
-        block_r = max(1, 4096 // D)
-        _merge_kernel[(triton.cdiv(R, block_r),)](
-            part, lse, kv_len, out, R, H, T, cap, scratch, cfg.blocks_per_split,
-            out.stride(0), out.stride(1), out.stride(2),
-            D=D, BLOCK_N=cfg.block_n, SPLITS=cfg.splits, BLOCK_R=block_r, num_warps=4, **pdl(q.device))
+    merge_splits(part, lse, kv_len, out, cap, scratch, cfg.block_n, cfg.splits, cfg.blocks_per_split)
+
+
+def split_buffers(splits: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial outputs [splits, B·H·T, D] fp32, their log-sum-exps [splits, B·H·T]) for `splits` > 1 (else out
+    twice: not written)."""
+    B, H, T, D = out.shape
+    if splits == 1:
+        return out, out
+    return (torch.empty(splits, B * H * T, D, dtype=torch.float32, device=out.device),
+            torch.empty(splits, B * H * T, dtype=torch.float32, device=out.device))
+
+
+def merge_splits(part: torch.Tensor, lse: torch.Tensor, kv_len: torch.Tensor, out: torch.Tensor, cap: int,
+                 scratch: int, block_n: int, splits: int, blocks_per_split: int) -> None:
+    """The rows of out [B, H, T, D] whose keys were split (at their kv_len, over block_n-key blocks): the merge of
+    their partial outputs by log-sum-exp. Nothing when splits == 1."""
+    if splits == 1:
+        return
+    B, H, T, D = out.shape
+    R, block_r = B * H * T, max(1, 4096 // D)
+    _merge_kernel[(triton.cdiv(R, block_r),)](
+        part, lse, kv_len, out, R, H, T, cap, scratch, blocks_per_split, out.stride(0), out.stride(1), out.stride(2),
+        D=D, BLOCK_N=block_n, SPLITS=splits, BLOCK_R=block_r, num_warps=4, **pdl(out.device))
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.attention import _merge_kernel, _splits_at, split_count
+from dgemma.kernels.attention import _splits_at, merge_splits, split_buffers, split_count
 from dgemma.kernels.fmath import pdl, pdl_start
 
 
@@ -287,9 +287,7 @@ def values_launch(scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor], q: to
     B, H, T, D = q.shape
     n_kv, cap = v.shape[1], pos.shape[1]
     scratch = v.shape[2] - cap
-    R = B * H * T
-    part = torch.empty(cfg.splits, R, D, dtype=torch.float32, device=q.device) if cfg.splits > 1 else out
-    lse = torch.empty(cfg.splits, R, dtype=torch.float32, device=q.device) if cfg.splits > 1 else out
+    part, lse = split_buffers(cfg.splits, out)
     _values_kernel[(triton.cdiv((H // n_kv) * T, cfg.block_m) * cfg.v_parts, B * n_kv, cfg.splits)](
         probs, maxes, sums, v, kv_len, out, part, lse, H, T, H // n_kv, cap, scratch, probs.shape[2],
         probs.shape[1], cfg.splits, cfg.blocks_per_split, v.stride(0), v.stride(1), v.stride(2), out.stride(0),
@@ -297,9 +295,4 @@ def values_launch(scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor], q: to
         BLOCK_K=cfg.block_k, SPLIT=cfg.splits > 1, PREC="ieee" if q.dtype == torch.float32 else None,
         INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.v_warps, num_stages=cfg.v_stages,
         **pdl(q.device))
-    if cfg.splits > 1:
-        block_r = max(1, 4096 // D)
-        _merge_kernel[(triton.cdiv(R, block_r),)](
-            part, lse, kv_len, out, R, H, T, cap, scratch, cfg.blocks_per_split, out.stride(0), out.stride(1),
-            out.stride(2), D=D, BLOCK_N=cfg.block_n, SPLITS=cfg.splits, BLOCK_R=block_r, num_warps=4,
-            **pdl(q.device))
+    merge_splits(part, lse, kv_len, out, cap, scratch, cfg.block_n, cfg.splits, cfg.blocks_per_split)
