@@ -305,6 +305,23 @@ def test_two_pass_matches_reference(name, layout, dtype, D):
         check_close(canvas_attention(q, k, v, pos, config=config), q, k, v, pos)
 
 
+def test_two_pass_runs_a_big_batch_in_chunks(monkeypatch):
+    """With P capped below one batch row's the launches go row by row (`batch_rows`): the same output bit for bit,
+    causal mode included."""
+    from dgemma.kernels import attention_two_pass
+
+    pos = full_layout([40, 25, 33], [0, 4, 0], cap=40)
+    q, k, v, pos = make_inputs(pos, 2, 2, 5, 64, 5, torch.float32, seed=3)
+    qpos = (torch.tensor([40, 25, 33])[:, None] + torch.arange(5)).to(DEV)
+    config = INTERPRET_TWO_PASS._replace(splits=2, blocks_per_split=1)
+    whole = [canvas_attention(q, k, v, pos, config=config, **mode) for mode in ({}, dict(qpos=qpos))]
+    assert attention_two_pass.batch_rows(q, k, pos, config) == 3
+    monkeypatch.setattr(attention_two_pass, "WORKSPACE_BYTES", 1)
+    assert attention_two_pass.batch_rows(q, k, pos, config) == 1
+    for mode, want in zip(({}, dict(qpos=qpos)), whole):
+        assert torch.equal(canvas_attention(q, k, v, pos, config=config, **mode), want)
+
+
 def test_two_pass_follows_a_late_jump_of_the_max():
     """One row's score jumps by ~43 (base 2) in a late block: the block maxima rescale exactly, in one split or
     across two (the merge)."""

@@ -26,8 +26,8 @@ than 2^-24 of its largest term.
 
 The P buffer holds every probability of the call: B · Hkv · rows · keys · 2 bytes (270 MB at batch 1 with 32K
 slots), allocated per call like the split partials (inside a CUDA graph, from the graph's pool, shared by the
-layers). Under TRITON_INTERPRET=1 the loops with device-side bounds are `while` loops and dots are upcast, as in
-attention.py.
+layers); a batch whose P would pass WORKSPACE_BYTES (1 GiB) runs in chunks of rows (`batch_rows`). Under
+TRITON_INTERPRET=1 the loops with device-side bounds are `while` loops and dots are upcast, as in attention.py.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class TwoPass(NamedTuple):
 # a 512 prompt; batch 8 at 4K 0.674 vs 1.372. Key blocks of 256 beat 128 (0.355 vs 0.477 ms of scores at 32K).
 CUDA_TWO_PASS: dict[int, tuple[int, TwoPass]] = {512: (0, TwoPass(block_n=256))}
 INTERPRET_TWO_PASS = TwoPass(16, 16, 16, 1, 1, 2, 8, 1, 1)
+# The most bytes of P (and block statistics) one pair of launches may hold: larger batches run in chunks of rows.
+WORKSPACE_BYTES = 1 << 30
 LOG2E = 1.4426950408889634
 
 
@@ -251,7 +253,23 @@ def two_pass_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torc
     if D % cfg.v_parts or cfg.block_n % cfg.block_k or D % cfg.block_d:
         raise ValueError(f"canvas_attention: two-pass config {cfg} needs v_parts and block_d dividing the head dim "
                          f"{D} and block_k dividing block_n")
-    values_launch(scores_launch(q, k, pos, kv_len, cfg, qpos, window), q, v, pos, kv_len, out, cfg)
+    B, rows = q.shape[0], batch_rows(q, k, pos, cfg)
+    for b in range(0, B, rows):  # one batch chunk at a time keeps P within WORKSPACE_BYTES
+        r = slice(b, b + rows)
+        values_launch(scores_launch(q[r], k[r], pos[r], kv_len[r], cfg, None if qpos is None else qpos[r], window),
+                      q[r], v[r], pos[r], kv_len[r], out[r], cfg)
+
+
+def batch_rows(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, cfg: TwoPass) -> int:
+    """Batch rows per pair of launches: all of them unless P and the block statistics of the whole batch would
+    exceed WORKSPACE_BYTES (batch 16 with 32K slots: 4.4 GB), then as many as fit (at least one)."""
+    B, H, T, _ = q.shape
+    n_kv, cap = k.shape[1], pos.shape[1]
+    rows_p = triton.cdiv((H // n_kv) * T, cfg.block_m) * cfg.block_m
+    blocks = triton.cdiv(cap, cfg.block_n) + triton.cdiv(k.shape[2] - cap, cfg.block_n)
+    p_size = 4 if q.dtype == torch.float32 else 2
+    per_row = n_kv * blocks * rows_p * (cfg.block_n * p_size + 8)  # P, then the fp32 maxima and sums
+    return max(1, min(B, WORKSPACE_BYTES // per_row))
 
 
 def scores_launch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor, cfg: TwoPass,
