@@ -39,7 +39,7 @@ from dgemma.kernels.attention import (  # noqa: E402
     default_config,
     split_count,
 )
-from dgemma.kernels.attention_two_pass import INTERPRET_TWO_PASS, TwoPass, two_pass_config  # noqa: E402
+from dgemma.kernels.attention_two_pass import INTERPRET_TWO_PASS, TwoPass, batch_rows, two_pass_config  # noqa: E402
 from dgemma.models.diffusion_gemma import Attention  # noqa: E402
 
 # The interpreter evaluates both sides of tl.where (exp2 of -inf - -inf in rows with no valid key yet): numpy warns.
@@ -495,7 +495,7 @@ REAL = [(256, 8, True), (512, 2, False)]  # (head dim, KV heads, sliding): Gemma
 
 def real_inputs(D: int, n_kv: int, sliding: bool, cache: int, B: int = 2, seed: int = 0):
     cap = min(1023, cache) if sliding else cache
-    lengths = [cache, max(1, cache // 3)][:B]
+    lengths = [cache, max(1, cache // 3), max(1, cache // 2), max(1, cache - 7)][:B]
     pos = ring_layout(lengths, cap, [(0, 0)] * B) if sliding else full_layout(lengths, [0] * B, cap)
     return make_inputs(pos, 16 // n_kv, n_kv, 256, D, 256, torch.bfloat16, seed)
 
@@ -573,11 +573,13 @@ def test_gpu_d512_variants(name, B, cache):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,cache", [(1, 32768), (2, 4096), (1, 512)])
+@pytest.mark.parametrize("B,cache", [(1, 32768), (2, 4096), (1, 512), (4, 32768)])
 def test_gpu_two_pass_real_shapes(B, cache):
-    """The two-pass kernels compiled at the full layers' real shape (TwoPass's defaults, splits as on the GPU)."""
+    """The two-pass kernels compiled at the full layers' real shape (TwoPass's defaults, splits as on the GPU); batch
+    4 at 32K runs in two chunks of rows (3 + 1, `batch_rows`)."""
     q, k, v, pos = real_inputs(512, 2, False, cache, B)
     config = two_pass_config(q, 2, pos.shape[1], 256, TwoPass())
+    assert (batch_rows(q, k, pos, config) < B) == (B == 4)
     check_close(canvas_attention(q, k, v, pos, config=config), q, k, v, pos)
 
 
