@@ -58,8 +58,8 @@ class TwoPass(NamedTuple):
     blocks_per_split: int = 2  # valid key blocks (of block_n) that justify one more split
 
 
-# CUDA defaults per head dim: (fewest cache + scratch slots, config); decoder mode only. Measured on an H200
-# (scripts/gpu_two_pass_probe.py, benchmarks/results/session6/two_pass_probe_*.log), one full layer (D 512) at batch 1:
+# CUDA defaults per head dim: (fewest cache + scratch slots, config), decoder and causal mode. Measured on an H200
+# (scripts/gpu_two_pass_probe.py, benchmarks/results/session6/two_pass_c81010d/), one full layer (D 512) at batch 1:
 # 0.631 ms against the fused kernel's 1.337 at 32K slots (439 vs 207 useful TFLOP/s; scores 0.355 ms, values
 # 0.275), 0.109 vs 0.207 at 4K, 0.037 vs 0.047 at a 512 prompt (768 slots), 0.045 vs 0.049 with 32K slots holding
 # a 512 prompt; batch 8 at 4K 0.674 vs 1.372. Key blocks of 256 beat 128 (0.355 vs 0.477 ms of scores at 32K).
@@ -67,7 +67,6 @@ CUDA_TWO_PASS: dict[int, tuple[int, TwoPass]] = {512: (0, TwoPass(block_n=256))}
 INTERPRET_TWO_PASS = TwoPass(16, 16, 16, 1, 1, 2, 8, 1, 1)
 # The most bytes of P (and block statistics) one pair of launches may hold: larger batches run in chunks of rows.
 WORKSPACE_BYTES = 1 << 30
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
