@@ -378,8 +378,40 @@ def write_results(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Pat
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    md_path.write_text(f"`{rows[0]['command']}`\n\n" + "\n".join(lines) + "\n" if rows else "")
+    ratios = summary(rows)
+    extra = "\n\nRatios (same run):\n\n" + "\n".join(f"- {line}" for line in ratios) if ratios else ""
+    md_path.write_text(f"`{rows[0]['command']}`\n\n" + "\n".join(lines) + extra + "\n" if rows else "")
     return json_path, md_path
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The ratios issue 3's targets are stated in, from the fast-path rows of one run: each step against the HBM
+    floor and transformers, each batch's tokens/s against batch 1's, each prompt's step against the shortest prompt's
+    (same GPU, precision, steps and batch or prompt)."""
+    fast = [r for r in rows if r.get("path") == "fast" and r.get("ms_per_step")]
+    lines = []
+    for r in fast:
+        line = (f"{r['precision']} batch {r['batch']}, prompt {r['prompt_len']}, {r['steps']} steps: "
+                f"{r['ms_per_step'] / r['floor_ms_per_step']:.2f}× the floor")
+        if r.get("transformers_ms_per_step"):
+            line += f", {r['transformers_ms_per_step'] / r['ms_per_step']:.2f}× faster than transformers"
+        lines.append(line)
+
+    def key(r: dict, *drop: str) -> tuple:
+        return tuple(r.get(k) for k in ("gpu", "precision", "steps", "batch", "prompt_len") if k not in drop)
+
+    for r in fast:
+        base = [b for b in fast if key(b, "batch") == key(r, "batch") and b["batch"] == 1]
+        if r["batch"] > 1 and base:
+            lines.append(f"{r['precision']} prompt {r['prompt_len']}, {r['steps']} steps: batch {r['batch']} gives "
+                         f"{r['tok_s_excl_prefill'] / base[0]['tok_s_excl_prefill']:.2f}× batch 1's tokens/s")
+        shorter = [b for b in fast
+                   if key(b, "prompt_len") == key(r, "prompt_len") and b["prompt_len"] < r["prompt_len"]]
+        if shorter:
+            s0 = min(shorter, key=lambda b: b["prompt_len"])
+            lines.append(f"{r['precision']} batch {r['batch']}, {r['steps']} steps: the prompt-{r['prompt_len']} step "
+                         f"is {r['ms_per_step'] / s0['ms_per_step']:.2f}× the prompt-{s0['prompt_len']} step")
+    return lines
 
 
 def _fmt(v) -> str:

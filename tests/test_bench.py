@@ -33,6 +33,27 @@ def test_bench_writes_json_and_markdown(tmp_path):
         assert abs(r["tok_s_excl_prefill"] - r["batch"] * 256 / (per_canvas / 1e3)) <= 1e-6 * r["tok_s_excl_prefill"]
     md = next(tmp_path.glob("bench-*.md")).read_text()
     assert "| ms_per_step |" in md and md.count("| fast |") == 2
+    assert "batch 2 gives" in md and "× the floor" in md  # the ratios the targets are stated in
+
+
+def test_summary_states_the_target_ratios():
+    """bench's ratio lines from the rows alone: step/floor, transformers, batch-B tokens/s against batch 1 and the long
+    prompt's step against the short one's, pairing rows of the same GPU, precision and steps only."""
+    from dgemma.benchmark import summary
+
+    row = dict(gpu="G", precision="bfloat16", path="fast", steps=16, floor_ms_per_step=10.0)
+    rows = [row | dict(batch=1, prompt_len=512, ms_per_step=15.0, tok_s_excl_prefill=1000.0,
+                       transformers_ms_per_step=30.0),
+            row | dict(batch=8, prompt_len=512, ms_per_step=40.0, tok_s_excl_prefill=3000.0),
+            row | dict(batch=1, prompt_len=32768, ms_per_step=18.0, tok_s_excl_prefill=800.0),
+            row | dict(batch=8, prompt_len=512, ms_per_step=40.0, tok_s_excl_prefill=3000.0, steps=48),
+            row | dict(batch=1, prompt_len=512, ms_per_step=1.0, path="reference")]
+    lines = summary(rows)
+    assert "bfloat16 batch 1, prompt 512, 16 steps: 1.50× the floor, 2.00× faster than transformers" in lines
+    assert "bfloat16 prompt 512, 16 steps: batch 8 gives 3.00× batch 1's tokens/s" in lines
+    assert "bfloat16 batch 1, 16 steps: the prompt-32768 step is 1.20× the prompt-512 step" in lines
+    assert not any("48 steps: batch 8 gives" in line for line in lines)  # no batch 1 at 48 steps to compare with
+    assert len(lines) == 4 + 2
 
 
 def test_bench_sweeps_precisions(tmp_path):

@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
     stem = f"bench-{env['gpu'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     json_path, md_path = bm.write_results(rows, Path(args.out), stem)
+    for line in bm.summary(rows):
+        print(line, file=sys.stderr)
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0
 
