@@ -101,7 +101,7 @@ def engine_config(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> Config
     """The config `canvas_attention` launched without one (after its first call: the first tile that compiled; the
     two-pass kernels' for the head dims of attention_two_pass.CUDA_TWO_PASS)."""
     B, H_, T_, D = q.shape
-    if (tp := two_pass_default(q, k.shape[2])) is not None:
+    if (tp := two_pass_default(q)) is not None:
         return two_pass_config(q, k.shape[1], pos.shape[1], SCRATCH, tp)
     small = attn.small_grid(B, H_, k.shape[1], T_, D, torch.cuda.get_device_properties(q.device).multi_processor_count)
     tiles = attn.tile_candidates(D, small)

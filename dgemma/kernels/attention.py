@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dgemma.kernels.fmath import pdl, pdl_start
+from dgemma.kernels.fmath import pdl, pdl_start, precision
 
 if TYPE_CHECKING:
     from dgemma.kernels.attention_two_pass import TwoPass
@@ -133,6 +133,69 @@ def _rescale(acc, l_i, m_i, m_new):
 
 
 @triton.jit
+def block_slots(i, nb_c, n, CAP, END, BLOCK_N: tl.constexpr, OFFSET, WIDTH: tl.constexpr):
+    """Slots OFFSET .. OFFSET + WIDTH of virtual key block i ([cache blocks 0..nb_c-1 | scratch blocks from CAP]),
+    whether each is below its region's end (the cache's kv_len n, the scratch's END), and whether block i is cache."""
+    in_cache = i < nb_c
+    slots = tl.where(in_cache, i * BLOCK_N, CAP + (i - nb_c) * BLOCK_N) + OFFSET + tl.arange(0, WIDTH)
+    return slots, slots < tl.where(in_cache, n, END), in_cache
+
+
+@triton.jit
+def key_mask(slots, inside, in_cache, CAP, pos_row, qpos_row, q_lo, q_hi, CAUSAL: tl.constexpr):
+    """(valid [keys]: slot below its end and occupied, ok [rows, keys]: valid and visible to the row). CAUSAL: a row
+    sees the positions in (q_lo, q_hi], scratch slot s holding position qpos_row[s]; else every valid key."""
+    if CAUSAL:  # key positions: the cache slot's, or the query position whose K/V a scratch slot holds (int32 compares)
+        slot_pos = tl.where(in_cache, tl.load(pos_row + slots, mask=inside & in_cache, other=-1).to(tl.int32),
+                            tl.load(qpos_row + (slots - CAP), mask=inside & (slots >= CAP), other=-1).to(tl.int32))
+        valid = inside & (slot_pos >= 0)
+        ok = valid[None, :] & (slot_pos[None, :] > q_lo[:, None]) & (slot_pos[None, :] <= q_hi[:, None])
+    else:
+        slot_pos = tl.load(pos_row + slots, mask=inside & in_cache, other=0)  # scratch slots read as 0: valid
+        valid = inside & (slot_pos >= 0)
+        ok = valid[None, :]
+    return valid, ok
+
+
+@triton.jit
+def query_bounds(qpos_row, t, row_ok, WINDOW, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """(q_lo, q_hi) [BLOCK_M] of `key_mask`'s causal mode: row t sees positions up to its own, qpos_row[t], and on
+    sliding layers only the WINDOW ending there (WINDOW 0: none); zeros (unused) otherwise."""
+    if CAUSAL:
+        q_hi = tl.load(qpos_row + t, mask=row_ok, other=0).to(tl.int32)
+        q_lo = tl.where(WINDOW > 0, tl.maximum(q_hi - WINDOW, -1), -1)
+    else:
+        q_hi = tl.zeros([BLOCK_M], dtype=tl.int32)
+        q_lo = q_hi
+    return q_lo, q_hi
+
+
+@triton.jit
+def split_range(split, active, total):
+    """Key blocks [lo, hi) of split `split` when `active` splits share `total` blocks (empty for idle splits)."""
+    lo = tl.where(split < active, split * total // active, 0)
+    hi = tl.where(split < active, (split + 1) * total // active, 0)
+    return lo, hi
+
+
+@triton.jit
+def store_rows(o, lse, out_ptr, part_ptr, lse_ptr, b, h, t, row_ok, vcols, part, split, active, H, T, REP,
+               sob, soh, sot, D: tl.constexpr, SPLIT: tl.constexpr):
+    """A program's normalised output o [rows, vcols] and its rows' log-sum-exp (base 2; -inf for rows with no valid
+    key, weight 0 in the merge): into out directly where the row is unsplit at this length, else as split `split`'s
+    partial for `_merge_kernel` (idle splits write nothing). Every column part has the same lse: part 0 writes it."""
+    out_ptrs = out_ptr + (b * sob + h * soh + t * sot)[:, None] + vcols[None, :]
+    if not SPLIT:
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    elif (active == 1) & (split == 0):  # the row is unsplit at this length: no merge needed
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    elif split < active:
+        flat = ((split * (tl.num_programs(1) // (H // REP)) + b) * H + h) * T + t  # [SPLITS, B, H, T] row index
+        tl.store(part_ptr + flat[:, None] * D + vcols[None, :], o, mask=row_ok[:, None])
+        tl.store(lse_ptr + flat, lse, mask=row_ok & (part == 0))
+
+
+@triton.jit
 def _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, qpos_row, q_lo, q_hi, skn, svn, n, nb_c, CAP, END,
                   cols, vcols, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, LAZY_RESCALE: tl.constexpr,
                   CAUSAL: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
@@ -140,19 +203,8 @@ def _attend_block(q, acc, m_i, l_i, i, k_base, v_base, pos_row, qpos_row, q_lo, 
     Scores use all D columns of q and K; the values only the program's output columns vcols. CAUSAL: a row sees the
     keys at positions in (q_lo, q_hi] [BLOCK_M], scratch slot s holding position qpos_row[s]. Returns the updated
     (acc [BLOCK_M, len(vcols)], m_i, l_i [BLOCK_M]); m_i, l_i are in base 2."""
-    in_cache = i < nb_c
-    start = tl.where(in_cache, i * BLOCK_N, CAP + (i - nb_c) * BLOCK_N)
-    slots = start + tl.arange(0, BLOCK_N)
-    inside = slots < tl.where(in_cache, n, END)
-    if CAUSAL:  # key positions: the cache slot's, or the query position whose K/V a scratch slot holds (int32 compares)
-        slot_pos = tl.where(in_cache, tl.load(pos_row + slots, mask=inside & in_cache, other=-1).to(tl.int32),
-                            tl.load(qpos_row + (slots - CAP), mask=inside & (i >= nb_c), other=-1).to(tl.int32))
-        valid = inside & (slot_pos >= 0)
-        ok = valid[None, :] & (slot_pos[None, :] > q_lo[:, None]) & (slot_pos[None, :] <= q_hi[:, None])
-    else:
-        slot_pos = tl.load(pos_row + slots, mask=inside & in_cache, other=0)  # scratch slots read as 0: valid
-        valid = inside & (slot_pos >= 0)
-        ok = valid[None, :]
+    slots, inside, in_cache = block_slots(i, nb_c, n, CAP, END, BLOCK_N, 0, BLOCK_N)
+    valid, ok = key_mask(slots, inside, in_cache, CAP, pos_row, qpos_row, q_lo, q_hi, CAUSAL)
     # PREFETCH: the K/V masks depend on kv_len only, not on the pos load, so Triton pipelines the K/V loads with no
     # blocking load of pos in the loop; empty slots below kv_len are then read (and weighted 0), so must be finite.
     kv_ok = inside if PREFETCH else valid
@@ -208,17 +260,11 @@ def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, qpos_ptr, len_ptr, out_ptr
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), CAP), 0)
     nb_c, total, active = _splits_at(n, CAP, SCRATCH, BLOCK_N, SPLITS, BPS)
     qpos_row = qpos_ptr + b * sqpb
-    if CAUSAL:  # row t sees positions in (q_lo, q_hi]: up to its own; on sliding layers the WINDOW ending there
-        q_hi = tl.load(qpos_row + t, mask=row_ok, other=0).to(tl.int32)
-        q_lo = tl.where(WINDOW > 0, tl.maximum(q_hi - WINDOW, -1), -1)
-        # qpos increases along T, so the scratch slots after the block's last row are invisible to all its rows.
-        # The split count stays the one of all blocks (the merge kernel recomputes it); the splits share the rest.
+    q_lo, q_hi = query_bounds(qpos_row, t, row_ok, WINDOW, BLOCK_M, CAUSAL)
+    if CAUSAL:  # qpos increases along T, so the scratch slots after the block's last row are invisible to all its
+        # rows. The split count stays the one of all blocks (the merge kernel recomputes it); the splits share the rest.
         total = nb_c + tl.cdiv(tl.max(tl.where(row_ok, t, 0), 0) + 1, BLOCK_N)
-    else:
-        q_hi = tl.zeros([BLOCK_M], dtype=tl.int32)
-        q_lo = q_hi
-    lo = tl.where(split < active, split * total // active, 0)
-    hi = tl.where(split < active, (split + 1) * total // active, 0)
+    lo, hi = split_range(split, active, total)
 
     k_base = k_ptr + b * skb + g * skh
     v_base = v_ptr + b * svb + g * svh
@@ -240,16 +286,8 @@ def _canvas_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, qpos_ptr, len_ptr, out_ptr
                                           LAZY_RESCALE, CAUSAL, PREC, INTERPRET)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i = 0 only for rows with no valid key at all
-    out_ptrs = out_ptr + (b * sob + h * soh + t * sot)[:, None] + vcols[None, :]
-    if not SPLIT:
-        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    elif (active == 1) & (split == 0):  # the row is unsplit at this length: no merge needed
-        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    elif split < active:
-        flat = ((split * (tl.num_programs(1) // (H // REP)) + b) * H + h) * T + t  # [SPLITS, B, H, T] row index
-        tl.store(part_ptr + flat[:, None] * D + vcols[None, :], o, mask=row_ok[:, None])
-        # -inf where l_i = 0: weight 0 in the merge. Every column part computes the same m_i, l_i: part 0 writes.
-        tl.store(lse_ptr + flat, m_i + tl.log2(l_i), mask=row_ok & (part == 0))
+    store_rows(o, m_i + tl.log2(l_i), out_ptr, part_ptr, lse_ptr, b, h, t, row_ok, vcols, part, split, active, H, T,
+               REP, sob, soh, sot, D, SPLIT)
 
 
 @triton.jit
@@ -379,8 +417,8 @@ def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     `.transpose(1, 2).reshape(B, T, H * D)` before o_proj is free. No host sync; safe to capture in a CUDA graph
     (make the first call, which compiles and picks the tiles, before capturing). `config` forces the launch
     parameters (tests, the bench's sweep); by default they come from `default_config` with the first tile shape
-    that fits the GPU. A `TwoPass` config, or on CUDA a buffer of a head dim in attention_two_pass.CUDA_TWO_PASS
-    (D 512: the full layers), runs the two-pass kernels (scores, then values) instead."""
+    that fits the GPU. A `TwoPass` config, or on CUDA a head dim in attention_two_pass.CUDA_TWO_PASS (D 512: the
+    full layers), runs the two-pass kernels (scores, then values) instead."""
     _check(q, k, v, pos, kv_len, qpos, window)
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
@@ -399,7 +437,7 @@ def canvas_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     if isinstance(config, two.TwoPass):
         two.two_pass_launch(q, k, v, pos, kv_len, out, config, *causal)
         return out
-    if config is None and (tp := two.two_pass_default(q, S)) is not None:
+    if config is None and (tp := two.two_pass_default(q)) is not None:
         try:
             two.two_pass_launch(q, k, v, pos, kv_len, out, two.two_pass_config(q, n_kv, cap, scratch, tp), *causal)
             return out
@@ -438,8 +476,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
         v.stride(0), v.stride(1), v.stride(2), pos.stride(0), qp.stride(0), out.stride(0), out.stride(1),
         out.stride(2), D=D, DV=D // cfg.v_parts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.splits > 1,
         PREFETCH=cfg.prefetch, LAZY_RESCALE=cfg.lazy_rescale, CAUSAL=qpos is not None,
-        PREC="ieee" if q.dtype == torch.float32 else None,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.warps, num_stages=cfg.stages,
+        PREC=precision(q.dtype), INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.warps,
+        num_stages=cfg.stages,
         **pdl(q.device))
     merge_splits(part, lse, kv_len, out, cap, scratch, cfg.block_n, cfg.splits, cfg.blocks_per_split)
 

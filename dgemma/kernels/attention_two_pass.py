@@ -1,8 +1,8 @@
-"""Canvas-over-cache attention in two passes, for the full layers (D = 512) over long caches.
+"""Canvas-over-cache attention in two passes, for the full layers (D = 512).
 
-`canvas_attention` (attention.py) sends the decoder's attention here when `two_pass_default` says so (or when given a
-`TwoPass` config); the result is the same softmax(q · Kᵀ over the valid slots) · V, with the same masks, splits and
-merge kernel.
+`canvas_attention` (attention.py) sends the decoder's and the commit pass's attention here on CUDA for the head dims
+in CUDA_TWO_PASS (or when given a `TwoPass` config); the result is the same softmax(q · Kᵀ over the visible slots) ·
+V, with attention.py's masks (`block_slots`, `key_mask`), splits, output layout (`store_rows`) and merge kernel.
 
 Why two passes at D = 512: a flash-attention program keeps its fp32 accumulator (rows × D) in registers, and 128 rows
 × 512 columns do not fit, so the fused kernel splits V's columns between two programs that each recompute the whole
@@ -27,20 +27,30 @@ than 2^-24 of its largest term.
 The P buffer holds every probability of the call: B · Hkv · rows · keys · 2 bytes (270 MB at batch 1 with 32K
 slots), allocated per call like the split partials (inside a CUDA graph, from the graph's pool, shared by the
 layers); a batch whose P would pass WORKSPACE_BYTES (1 GiB) runs in chunks of rows (`batch_rows`). Under
-TRITON_INTERPRET=1 the loops with device-side bounds are `while` loops and dots are upcast, as in attention.py.
+TRITON_INTERPRET=1 the loops with device-side bounds are `while` loops and dots are upcast (attention.py's `_mma`).
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.attention import _splits_at, merge_splits, split_buffers, split_count
-from dgemma.kernels.fmath import pdl, pdl_start
+from dgemma.kernels.attention import (
+    _mma,
+    _splits_at,
+    block_slots,
+    key_mask,
+    merge_splits,
+    query_bounds,
+    split_buffers,
+    split_count,
+    split_range,
+    store_rows,
+)
+from dgemma.kernels.fmath import INTERPRET, pdl, pdl_start, precision
 
 
 class TwoPass(NamedTuple):
@@ -58,41 +68,22 @@ class TwoPass(NamedTuple):
     blocks_per_split: int = 2  # valid key blocks (of block_n) that justify one more split
 
 
-# CUDA defaults per head dim: (fewest cache + scratch slots, config), decoder and causal mode. Measured on an H200
+# CUDA defaults per head dim (decoder and causal mode, every buffer length). Measured on an H200
 # (scripts/gpu_two_pass_probe.py, benchmarks/results/session6/two_pass_c81010d/), one full layer (D 512) at batch 1:
 # 0.631 ms against the fused kernel's 1.337 at 32K slots (439 vs 207 useful TFLOP/s; scores 0.355 ms, values
 # 0.275), 0.109 vs 0.207 at 4K, 0.037 vs 0.047 at a 512 prompt (768 slots), 0.045 vs 0.049 with 32K slots holding
 # a 512 prompt; batch 8 at 4K 0.674 vs 1.372. Key blocks of 256 beat 128 (0.355 vs 0.477 ms of scores at 32K).
-CUDA_TWO_PASS: dict[int, tuple[int, TwoPass]] = {512: (0, TwoPass(block_n=256))}
+CUDA_TWO_PASS: dict[int, TwoPass] = {512: TwoPass(block_n=256)}
 INTERPRET_TWO_PASS = TwoPass(16, 16, 16, 1, 1, 2, 8, 1, 1)
 # The most bytes of P (and block statistics) one pair of launches may hold: larger batches run in chunks of rows.
 WORKSPACE_BYTES = 1 << 30
 
 
 @triton.jit
-def _mma_acc(a, b, acc, PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc + a @ b in fp32 (the interpreter multiplies upcast copies: its tl.dot misreads bf16)."""
-    if INTERPRET:
-        c = acc + tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        c = tl.dot(a, b, acc, input_precision=PREC)
-    return c
-
-
-@triton.jit
-def _block_slots(i, nb_c, n, CAP, SCRATCH, BLOCK_N: tl.constexpr, OFFSET, WIDTH: tl.constexpr):
-    """Slots OFFSET .. OFFSET + WIDTH of virtual key block i ([cache blocks 0..nb_c-1 | scratch blocks]) and whether
-    each is below its region's end (the cache's kv_len n, the scratch's end)."""
-    in_cache = i < nb_c
-    slots = tl.where(in_cache, i * BLOCK_N, CAP + (i - nb_c) * BLOCK_N) + OFFSET + tl.arange(0, WIDTH)
-    return slots, slots < tl.where(in_cache, n, CAP + SCRATCH), in_cache
-
-
-@triton.jit
 def _scores_kernel(q_ptr, k_ptr, pos_ptr, qpos_ptr, len_ptr, p_ptr, m_ptr, l_ptr, H, T, REP, CAP, SCRATCH, RP, WINDOW,
                    sqb, sqh, sqt, skb, skh, skn, spb, sqpb,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   CAUSAL: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
+                   CAUSAL: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL)
     # grid: (row blocks of one KV head's REP·T stacked rows, key blocks of the whole buffer, B · Hkv). Key blocks past
     # this row's kv_len exit at once (the grid is fixed by shapes, for graphs). CAUSAL: attention.py's causal mode
@@ -109,18 +100,10 @@ def _scores_kernel(q_ptr, k_ptr, pos_ptr, qpos_ptr, len_ptr, p_ptr, m_ptr, l_ptr
     row_ok = rows < REP * T
     h = g * REP + rows // T
     t = rows % T
-    slots, inside, in_cache = _block_slots(i, nb_c, n, CAP, SCRATCH, BLOCK_N, 0, BLOCK_N)
-    if CAUSAL:  # key positions: the cache slot's, or the query position whose K/V a scratch slot holds
-        qpos_row = qpos_ptr + b * sqpb
-        slot_pos = tl.where(in_cache, tl.load(pos_ptr + b * spb + slots, mask=inside & in_cache, other=-1).to(tl.int32),
-                            tl.load(qpos_row + (slots - CAP), mask=inside & (i >= nb_c), other=-1).to(tl.int32))
-        q_hi = tl.load(qpos_row + t, mask=row_ok, other=0).to(tl.int32)
-        q_lo = tl.where(WINDOW > 0, tl.maximum(q_hi - WINDOW, -1), -1)
-        ok = ((inside & (slot_pos >= 0))[None, :] & (slot_pos[None, :] > q_lo[:, None])
-              & (slot_pos[None, :] <= q_hi[:, None]))
-    else:
-        slot_pos = tl.load(pos_ptr + b * spb + slots, mask=inside & in_cache, other=0)  # scratch slots read as 0
-        ok = (inside & (slot_pos >= 0))[None, :]
+    slots, inside, in_cache = block_slots(i, nb_c, n, CAP, CAP + SCRATCH, BLOCK_N, 0, BLOCK_N)
+    qpos_row = qpos_ptr + b * sqpb
+    q_lo, q_hi = query_bounds(qpos_row, t, row_ok, WINDOW, BLOCK_M, CAUSAL)
+    _, ok = key_mask(slots, inside, in_cache, CAP, pos_ptr + b * spb, qpos_row, q_lo, q_hi, CAUSAL)
     q_rows = q_ptr + b * sqb + h * sqh + t * sqt
     k_rows = k_ptr + b * skb + g * skh + slots.to(tl.int64) * skn
     s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -129,7 +112,7 @@ def _scores_kernel(q_ptr, k_ptr, pos_ptr, qpos_ptr, len_ptr, p_ptr, m_ptr, l_ptr
         qc = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
         # Loaded below kv_len, empty or not (pos masks the scores): empty cache slots must hold finite values.
         kc = tl.load(k_rows[:, None] + d[None, :], mask=inside[:, None], other=0.0)
-        s = _mma_acc(qc, tl.trans(kc), s, PREC, INTERPRET)
+        s += _mma(qc, tl.trans(kc), PREC, INTERPRET)
     s = tl.where(ok, s * 1.4426950408889634, float("-inf"))  # base 2; the scale is 1
     m = tl.max(s, 1)
     p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # 0 where masked, also in all-masked rows
@@ -143,8 +126,7 @@ def _scores_kernel(q_ptr, k_ptr, pos_ptr, qpos_ptr, len_ptr, p_ptr, m_ptr, l_ptr
 def _values_kernel(p_ptr, m_ptr, l_ptr, v_ptr, len_ptr, out_ptr, part_ptr, lse_ptr, H, T, REP, CAP, SCRATCH, RP, NB,
                    SPLITS, BPS, svb, svh, svn, sob, soh, sot,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
-                   PDL: tl.constexpr = False):
+                   BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL)
     # grid: (row blocks × D // DV column parts, B · Hkv, SPLITS), as attention.py's _canvas_attn_kernel, whose
     # output layout (and merge) this shares.
@@ -160,8 +142,7 @@ def _values_kernel(p_ptr, m_ptr, l_ptr, v_ptr, len_ptr, out_ptr, part_ptr, lse_p
     vcols = part * DV + tl.arange(0, DV)
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), CAP), 0)
     nb_c, total, active = _splits_at(n, CAP, SCRATCH, BLOCK_N, SPLITS, BPS)
-    lo = tl.where(split < active, split * total // active, 0)
-    hi = tl.where(split < active, (split + 1) * total // active, 0)
+    lo, hi = split_range(split, active, total)
 
     ml = bg.to(tl.int64) * NB * RP + rows  # m, l of block i at ml + i · RP
     mx = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -184,29 +165,21 @@ def _values_kernel(p_ptr, m_ptr, l_ptr, v_ptr, len_ptr, out_ptr, part_ptr, lse_p
         kk = lo * SUB
         while kk < hi * SUB:
             acc, den = _values_step(kk, acc, den, p_rows, m_ptr, l_ptr, ml, base, v_base, vcols, svn, nb_c, n, CAP,
-                                    SCRATCH, RP, BLOCK_N, BLOCK_K, SUB, PREC, INTERPRET)
+                                    SCRATCH, RP, BLOCK_N, BLOCK_K, SUB, PREC)
             kk += 1
     else:
         for kk in range(lo * SUB, hi * SUB):
             acc, den = _values_step(kk, acc, den, p_rows, m_ptr, l_ptr, ml, base, v_base, vcols, svn, nb_c, n, CAP,
-                                    SCRATCH, RP, BLOCK_N, BLOCK_K, SUB, PREC, INTERPRET)
+                                    SCRATCH, RP, BLOCK_N, BLOCK_K, SUB, PREC)
 
     o = acc / tl.where(den == 0.0, 1.0, den)[:, None]  # den = 0 only for rows with no valid key in the split
-    out_ptrs = out_ptr + (b * sob + h * soh + t * sot)[:, None] + vcols[None, :]
-    if not SPLIT:
-        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    elif (active == 1) & (split == 0):  # unsplit at this length: no merge
-        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    elif split < active:
-        flat = ((split * (tl.num_programs(1) // (H // REP)) + b) * H + h) * T + t  # [SPLITS, B, H, T] row index
-        tl.store(part_ptr + flat[:, None] * D + vcols[None, :], o, mask=row_ok[:, None])
-        tl.store(lse_ptr + flat, mx + tl.log2(den), mask=row_ok & (part == 0))  # -inf + -inf where nothing valid
+    store_rows(o, mx + tl.log2(den), out_ptr, part_ptr, lse_ptr, b, h, t, row_ok, vcols, part, split, active, H, T,
+               REP, sob, soh, sot, D, SPLIT)
 
 
 @triton.jit
 def _values_step(kk, acc, den, p_rows, m_ptr, l_ptr, ml, base, v_base, vcols, svn, nb_c, n, CAP, SCRATCH, RP,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
     """Key step kk = block i · SUB + j: acc += round(P_ij · 2^(m_i - base)) @ V_ij; den += l_i · 2^(m_i - base) once
     per block."""
     i = kk // SUB
@@ -214,19 +187,16 @@ def _values_step(kk, acc, den, p_rows, m_ptr, l_ptr, ml, base, v_base, vcols, sv
     f = tl.exp2(tl.load(m_ptr + ml + i * RP) - base)  # 0 for rows with nothing valid in block i (m = -inf)
     den += tl.where(j == 0, tl.load(l_ptr + ml + i * RP) * f, 0.0)
     p = tl.load(p_rows + (i.to(tl.int64) * RP * BLOCK_N + j * BLOCK_K))
-    slots, inside, _ = _block_slots(i, nb_c, n, CAP, SCRATCH, BLOCK_N, j * BLOCK_K, BLOCK_K)
+    slots, inside, _ = block_slots(i, nb_c, n, CAP, CAP + SCRATCH, BLOCK_N, j * BLOCK_K, BLOCK_K)
     v = tl.load(v_base + slots[:, None] * svn + vcols[None, :], mask=inside[:, None], other=0.0)  # [BLOCK_K, DV]
     p = (p.to(tl.float32) * f[:, None]).to(v.dtype)
-    return _mma_acc(p, v, acc, PREC, INTERPRET), den
+    return acc + _mma(p, v, PREC, INTERPRET), den
 
 
 # --- launcher ---------------------------------------------------------------------------------------------------
-def two_pass_default(q: torch.Tensor, slots: int) -> TwoPass | None:
-    """The CUDA default for q's head dim when the buffer has at least CUDA_TWO_PASS's slots."""
-    entry = CUDA_TWO_PASS.get(q.shape[3])
-    if q.device.type != "cuda" or entry is None or slots < entry[0]:
-        return None
-    return entry[1]
+def two_pass_default(q: torch.Tensor) -> TwoPass | None:
+    """The CUDA default for q's head dim (None: the fused kernel)."""
+    return CUDA_TWO_PASS.get(q.shape[3]) if q.device.type == "cuda" else None
 
 
 def two_pass_config(q: torch.Tensor, n_kv: int, cap: int, scratch: int, cfg: TwoPass | None = None) -> TwoPass:
@@ -234,7 +204,7 @@ def two_pass_config(q: torch.Tensor, n_kv: int, cap: int, scratch: int, cfg: Two
     wave of values programs (one per SM) where the key blocks allow, as `default_config` does for the fused kernel."""
     B, H, T, D = q.shape
     if cfg is None:
-        cfg = CUDA_TWO_PASS[D][1] if q.device.type == "cuda" else INTERPRET_TWO_PASS
+        cfg = CUDA_TWO_PASS[D] if q.device.type == "cuda" else INTERPRET_TWO_PASS
     if q.device.type != "cuda":
         return cfg
     programs = triton.cdiv((H // n_kv) * T, cfg.block_m) * cfg.v_parts * B * n_kv
@@ -291,8 +261,7 @@ def scores_launch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kv_len: t
         q, k, pos, qp, kv_len, probs, maxes, sums, H, T, rep, cap, scratch, probs.shape[2], window or 0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), pos.stride(0), qp.stride(0),
         D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, CAUSAL=qpos is not None,
-        PREC="ieee" if q.dtype == torch.float32 else None,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.s_warps, num_stages=cfg.s_stages,
+        PREC=precision(q.dtype), num_warps=cfg.s_warps, num_stages=cfg.s_stages,
         **pdl(q.device))
     return probs, maxes, sums
 
@@ -309,7 +278,7 @@ def values_launch(scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor], q: to
         probs, maxes, sums, v, kv_len, out, part, lse, H, T, H // n_kv, cap, scratch, probs.shape[2],
         probs.shape[1], cfg.splits, cfg.blocks_per_split, v.stride(0), v.stride(1), v.stride(2), out.stride(0),
         out.stride(1), out.stride(2), D=D, DV=D // cfg.v_parts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, SPLIT=cfg.splits > 1, PREC="ieee" if q.dtype == torch.float32 else None,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg.v_warps, num_stages=cfg.v_stages,
+        BLOCK_K=cfg.block_k, SPLIT=cfg.splits > 1, PREC=precision(q.dtype), num_warps=cfg.v_warps,
+        num_stages=cfg.v_stages,
         **pdl(q.device))
     merge_splits(part, lse, kv_len, out, cap, scratch, cfg.block_n, cfg.splits, cfg.blocks_per_split)

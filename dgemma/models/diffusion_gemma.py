@@ -23,7 +23,7 @@ from torch import nn
 
 from dgemma.config import ModelArgs
 from dgemma.engine.cache import KVCache
-from dgemma.kernels import ATTENTION_HEAD_DIMS
+from dgemma.kernels import ATTENTION_HEAD_DIMS  # what kernels/attention.py takes (other head dims: sdpa)
 from dgemma.models import fused_layer
 from dgemma.models.fusion import fused_weight
 from dgemma.models.rope import apply_rope, rope_inv_freq  # noqa: F401 (rope_inv_freq: part of this module's API)
@@ -42,7 +42,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 # `use_triton_kernels()` (dgemma/kernels). The defaults are the reference implementations.
 KERNELS = {"rms_norm": rms_norm, "feed_forward": None, "project": None, "canvas_attention": None,
            "cache_lengths": None, "moe": None, "route": None}
-TRITON_ATTENTION_HEAD_DIMS = ATTENTION_HEAD_DIMS  # what kernels/attention.py takes (other head dims: sdpa)
 MOE_TRITON_MIN_TOKENS = 1  # the Triton MoE beats grouped_mm at every size measured, 256 to 4096 tokens (H200)
 
 
@@ -224,7 +223,7 @@ class Attention(nn.Module):
         layer, cap, T = self.layer_idx, cache.capacity[self.layer_idx], q.shape[2]
         ck, cv = cache.k[layer][:, :, :cap + T], cache.v[layer][:, :, :cap + T]  # the cache, then T scratch slots
         ck[:, :, cap:], cv[:, :, cap:] = k, v
-        if canvas_kernel_on(q) and q.shape[3] in TRITON_ATTENTION_HEAD_DIMS:  # prefix_mask's rule, no mask built
+        if canvas_kernel_on(q) and q.shape[3] in ATTENTION_HEAD_DIMS:  # prefix_mask's rule, no mask built
             out = KERNELS["canvas_attention"](q, ck, cv, cache.pos[layer], cache.kv_len, qpos=pos,
                                               window=self.window if self.sliding else None).transpose(1, 2).flatten(2)
         else:  # a [B, T, cap + T] mask
@@ -244,7 +243,7 @@ class Attention(nn.Module):
         layer, cap, (B, H, T, D) = self.layer_idx, cache.capacity[self.layer_idx], q.shape
         ck, cv = cache.k[layer], cache.v[layer]
         ck[:, :, cap:], cv[:, :, cap:] = k, v
-        if canvas_kernel_on(q) and D in TRITON_ATTENTION_HEAD_DIMS:
+        if canvas_kernel_on(q) and D in ATTENTION_HEAD_DIMS:
             # Triton flash attention over the occupied slots only (kernels/attention.py): key blocks past the row's
             # length (`cache.kv_len`) are skipped, so the step does not pay for the cache's unused capacity.
             return KERNELS["canvas_attention"](q, ck, cv, cache.pos[layer], cache.kv_len).transpose(1, 2).flatten(2)
